@@ -1,0 +1,79 @@
+"""Backends: the modules that compute the fused operators, and how one is chosen.
+
+Every backend module exposes the same functions (the contract below); `fastnl.ops`
+wraps them in `torch.library` custom ops with autograd, so a backend only writes
+forward and backward math. Inputs arrive validated: same dtype and device,
+contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or None.
+
+    is_available(device_type) -> None, or a string saying why not
+    softmax_forward(query, key, value, center, log_normalizer, scale)
+        -> (out, log_normalizer)
+        out_i = sum_j p_ij v_j - [c_i], p_ij = exp(scale q_i.k_j - lse_i); the row
+        log-sum-exp lse (B, N) is float64 for float64 inputs, else float32. When
+        log_normalizer is given it is the lse of these query/key: use it (a single pass,
+        no online rescaling) and return it.
+    softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale)
+        -> (grad_query, grad_key, grad_value)
+    dot_forward(query, key, value, center, scale) -> (out, row_weight)
+        w_ij = scale q_i.k_j, C_i = M; row_weight_i = sum_j w_ij / M (B, N);
+        out_i = sum_j w_ij v_j / M - [row_weight_i c_i]
+    dot_backward(grad_out, query, key, value, center, scale)
+        -> (grad_query, grad_key, grad_value)
+    concat_forward(query, key, value, center, scale) -> (out, row_weight)
+        as dot with w_ij = scale relu(q_i + k_j), D = 1
+    concat_backward(grad_out, query, key, value, center, scale)
+        -> (grad_query, grad_key, grad_value)
+
+The center's gradient is -grad_out (softmax) or -row_weight * grad_out (dot, concat);
+`fastnl.ops` forms it, so backward functions return only the three above.
+"""
+import importlib
+
+# name -> module, in order of preference for backend=None on each device type
+_MODULES = {
+    "torch": "fastnl.backends.torch_tiled",
+}
+_PREFERENCE = {
+    "cpu": ["torch"],
+    "cuda": ["torch"],
+}
+
+
+def names():
+    """All backend names accepted by `backend=` (besides "reference")."""
+    return sorted(_MODULES)
+
+
+def _load(name):
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name, device_type):
+    """None if backend `name` can run on `device_type`, else why not."""
+    try:
+        module = _load(name)
+    except Exception as error:  # a backend that fails to import is unavailable, not fatal
+        return f"importing {_MODULES[name]} failed: {error}"
+    return module.is_available(device_type)
+
+
+def resolve(name, device_type):
+    """The backend name to use: `name` checked, or the preferred one when None."""
+    if name is None:
+        for candidate in _PREFERENCE.get(device_type, ["torch"]):
+            if unavailable_reason(candidate, device_type) is None:
+                return candidate
+        return "torch"
+    if name not in _MODULES:
+        raise ValueError(
+            f"unknown backend {name!r}; choose one of {['reference'] + names()} or None"
+        )
+    reason = unavailable_reason(name, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available on {device_type}: {reason}")
+    return name
+
+
+def get(name):
+    """The module implementing backend `name` (already resolved)."""
+    return _load(name)

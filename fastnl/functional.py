@@ -1,0 +1,59 @@
+"""The public functional API: nonlocal_aggregate, nonlocal_diffuse, nonlocal_attend."""
+from fastnl import backends, ops, reference
+from fastnl._checks import check_operands
+
+
+def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None,
+                    log_normalizer=None):
+    """The one entry both public functions use; also returns the reusable row statistics.
+
+    Returns (out, log_normalizer): out as `nonlocal_aggregate` (center None) or
+    `nonlocal_diffuse` with an explicit center; log_normalizer is the (B, N) row
+    log-sum-exp of the softmax kernel (None for dot/concat and the reference backend).
+    Passing it back for the same query/key skips the statistics pass: a
+    `NonlocalStage` computes it once and all its blocks reuse it. It is a cache, not
+    a differentiable output; gradients of query and key are exact either way.
+    """
+    check_operands(query, key, value, center, kernel, scale, need_square=False)
+    if backend == "reference":
+        if center is None:
+            return reference.aggregate(query, key, value, kernel=kernel, scale=scale), None
+        return reference.diffuse(query, key, value, center, kernel=kernel, scale=scale), None
+    backend = backends.resolve(backend, query.device.type)
+    scale = float(scale)
+    if kernel == "softmax":
+        if log_normalizer is None:
+            return ops.softmax_forward(query, key, value, center, scale, backend)
+        if log_normalizer.shape != query.shape[:2]:
+            raise ValueError(f"log_normalizer must have shape (B, N) = {tuple(query.shape[:2])}, "
+                             f"got {tuple(log_normalizer.shape)}")
+        out = ops.softmax_forward_with_stats(query, key, value, center, log_normalizer, scale, backend)
+        return out, log_normalizer
+    forward = ops.dot_forward if kernel == "dot" else ops.concat_forward
+    return forward(query, key, value, center, scale, backend)[0], None
+
+
+def nonlocal_aggregate(query, key, value, *, kernel="softmax", scale=1.0, backend=None):
+    """y_i = (1 / C_i) sum_j w(i, j) v_j   (Wang et al.'s nonlocal operation).
+
+    query (B, N, D), key (B, M, D), value (B, M, E) -> (B, N, E), any float dtype.
+    kernel "softmax": w = exp(scale q_i.k_j), C_i = sum_j w;  "dot": w = scale q_i.k_j,
+    C_i = M;  "concat" (D = 1): w = scale relu(q_i + k_j), C_i = M.
+    backend None picks the fastest available for the device; "reference" materialises
+    the N x M matrix; "torch" is memory-light plain PyTorch (see fastnl.backends).
+    """
+    check_operands(query, key, value, None, kernel, scale, need_square=False)
+    return nonlocal_attend(query, key, value, kernel=kernel, scale=scale, backend=backend)[0]
+
+
+def nonlocal_diffuse(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None):
+    """y_i = (1 / C_i) sum_j w(i, j) (v_j - c_i)   (Tao et al.'s nonlocal diffusion).
+
+    As `nonlocal_aggregate`, with center (B, N, E); center=None uses value (M must equal
+    N). For softmax this is aggregate - center; for dot/concat the center is weighted by
+    the row's total affinity sum_j w(i, j) / M.
+    """
+    check_operands(query, key, value, center, kernel, scale, need_square=True)
+    if center is None:
+        center = value
+    return nonlocal_attend(query, key, value, center, kernel=kernel, scale=scale, backend=backend)[0]

@@ -1,0 +1,159 @@
+"""The fused operators as `torch.library` custom ops, with autograd and fake kernels.
+
+Three forward ops (softmax with and without known row statistics, dot, concat) and
+their backward ops. Each takes the backend's name and calls that module
+(`fastnl.backends`); the ops own the contract with PyTorch (shapes, autograd,
+torch.compile), the backends own the arithmetic.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastnl import backends
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+# --- softmax ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastnl::softmax_forward", mutates_args=())
+def softmax_forward(
+    query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(out, lse): out_i = sum_j softmax_j(scale q_i.k_j) v_j [- c_i]; lse (B, N) row log-sum-exp."""
+    return backends.get(backend).softmax_forward(*_contiguous(query, key, value, center), None, scale)
+
+
+@softmax_forward.register_fake
+def _(query, key, value, center, scale, backend):
+    out = value.new_empty(query.shape[0], query.shape[1], value.shape[2])
+    return out, query.new_empty(query.shape[:2], dtype=_stats_dtype(query.dtype))
+
+
+@torch.library.custom_op("fastnl::softmax_forward_with_stats", mutates_args=())
+def softmax_forward_with_stats(
+    query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], log_normalizer: Tensor,
+    scale: float, backend: str,
+) -> Tensor:
+    """As softmax_forward, with the row log-sum-exp already known: a single pass."""
+    args = _contiguous(query, key, value, center, log_normalizer)
+    return backends.get(backend).softmax_forward(*args, scale)[0]
+
+
+@softmax_forward_with_stats.register_fake
+def _(query, key, value, center, log_normalizer, scale, backend):
+    torch._check(log_normalizer.shape == query.shape[:2], lambda: "log_normalizer must be (B, N)")
+    return value.new_empty(query.shape[0], query.shape[1], value.shape[2])
+
+
+@torch.library.custom_op("fastnl::softmax_backward", mutates_args=())
+def softmax_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor],
+    out: Tensor, log_normalizer: Tensor, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = _contiguous(grad_out, query, key, value, center, out, log_normalizer)
+    return backends.get(backend).softmax_backward(*args, scale)
+
+
+@softmax_backward.register_fake
+def _(grad_out, query, key, value, center, out, log_normalizer, scale, backend):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _softmax_grads(ctx, grad_out, out, log_normalizer):
+    query, key, value, center = ctx.saved_tensors[:4]
+    grad_query, grad_key, grad_value = softmax_backward(
+        grad_out, query, key, value, center, out, log_normalizer, ctx.scale, ctx.backend
+    )
+    grad_center = -grad_out if center is not None else None
+    return grad_query, grad_key, grad_value, grad_center
+
+
+def _setup_softmax(ctx, inputs, output):
+    query, key, value, center, scale, backend = inputs
+    out, log_normalizer = output
+    ctx.save_for_backward(query, key, value, center, out, log_normalizer)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(log_normalizer)
+
+
+def _backward_softmax(ctx, grad_out, grad_log_normalizer):
+    out, log_normalizer = ctx.saved_tensors[4:]
+    return *_softmax_grads(ctx, grad_out, out, log_normalizer), None, None
+
+
+def _setup_softmax_with_stats(ctx, inputs, out):
+    query, key, value, center, log_normalizer, scale, backend = inputs
+    ctx.save_for_backward(query, key, value, center, out, log_normalizer)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward_softmax_with_stats(ctx, grad_out):
+    out, log_normalizer = ctx.saved_tensors[4:]
+    # the statistics are a cache of query/key: their gradient is already in dq, dk
+    grad_query, grad_key, grad_value, grad_center = _softmax_grads(ctx, grad_out, out, log_normalizer)
+    return grad_query, grad_key, grad_value, grad_center, None, None, None
+
+
+softmax_forward.register_autograd(_backward_softmax, setup_context=_setup_softmax)
+softmax_forward_with_stats.register_autograd(
+    _backward_softmax_with_stats, setup_context=_setup_softmax_with_stats
+)
+
+
+# --- dot and concat: linear / N log N, normalised by M -----------------------------
+
+
+def _define_linear_kernel(name):
+    """Register fastnl::{name}_forward / {name}_backward with autograd for kernel `name`."""
+
+    def forward_impl(query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float,
+                     backend: str) -> tuple[Tensor, Tensor]:
+        function = getattr(backends.get(backend), f"{name}_forward")
+        return function(*_contiguous(query, key, value, center), scale)
+
+    def backward_impl(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor],
+                      scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        function = getattr(backends.get(backend), f"{name}_backward")
+        return function(*_contiguous(grad_out, query, key, value, center), scale)
+
+    forward_op = torch.library.custom_op(f"fastnl::{name}_forward", forward_impl, mutates_args=())
+    backward_op = torch.library.custom_op(f"fastnl::{name}_backward", backward_impl, mutates_args=())
+
+    @forward_op.register_fake
+    def _(query, key, value, center, scale, backend):
+        out = value.new_empty(query.shape[0], query.shape[1], value.shape[2])
+        return out, query.new_empty(query.shape[:2], dtype=_stats_dtype(query.dtype))
+
+    @backward_op.register_fake
+    def _(grad_out, query, key, value, center, scale, backend):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def setup_context(ctx, inputs, output):
+        query, key, value, center, scale, backend = inputs
+        ctx.save_for_backward(query, key, value, center, output[1])
+        ctx.scale, ctx.backend = scale, backend
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, grad_row_weight):
+        query, key, value, center, row_weight = ctx.saved_tensors
+        grads = backward_op(grad_out, query, key, value, center, ctx.scale, ctx.backend)
+        grad_center = None
+        if center is not None:
+            grad_center = -(row_weight.unsqueeze(-1) * grad_out).to(center.dtype)
+        return *grads, grad_center, None, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op, backward_op
+
+
+dot_forward, dot_backward = _define_linear_kernel("dot")
+concat_forward, concat_backward = _define_linear_kernel("concat")
