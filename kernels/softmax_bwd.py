@@ -1,0 +1,143 @@
+"""Backward of the softmax nonlocal operator: recompute tiles from the saved lse.
+
+FlashAttention-2's scheme in three kernels. A preprocessing kernel forms
+delta_i = dO_i . O_i, with O the aggregate (out + center for diffuse), so that
+dS_ij = p_ij (dO_i . v_j - delta_i). Then one kernel per key tile accumulates dK and dV
+over all query tiles, and one per query tile accumulates dQ over all key tiles; each
+recomputes p_ij = exp(scale q_i.k_j - lse_i) instead of reading a stored matrix, and
+neither needs atomics. Padded positions get logit -inf, so probability 0.
+"""
+import triton
+import triton.language as tl
+
+from fastnl.kernels._launch import accumulator, padded_width, tuned
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_n, block_m in ((32, 64), (64, 64), (64, 128), (128, 64))
+    for warps, stages in ((4, 2), (8, 2))
+]
+_KEY = ["num_queries", "num_keys", "BLOCK_D", "BLOCK_E"]
+_INTERPRETER = {"BLOCK_N": 16, "BLOCK_M": 16}
+
+
+@tuned([triton.Config({"BLOCK_R": 64}), triton.Config({"BLOCK_R": 128})], key=["BLOCK_E"],
+       interpreter_config={"BLOCK_R": 16})
+@triton.jit
+def _delta_kernel(grad_out, out, center, delta, num_rows, width_v,
+                  HAS_CENTER: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    feats = tl.arange(0, BLOCK_E)
+    mask = (rows < num_rows)[:, None] & (feats < width_v)[None, :]
+    offsets = rows[:, None] * width_v + feats[None, :]
+    aggregate = tl.load(out + offsets, mask=mask, other=0.0).to(ACC)
+    if HAS_CENTER:
+        aggregate += tl.load(center + offsets, mask=mask, other=0.0).to(ACC)
+    d_out = tl.load(grad_out + offsets, mask=mask, other=0.0).to(ACC)
+    tl.store(delta + rows, tl.sum(d_out * aggregate, axis=1), mask=rows < num_rows)
+
+
+@tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER)
+@triton.jit
+def _key_value_grad_kernel(
+    grad_out, query, key, value, stats, delta, grad_key, grad_value,
+    num_queries, num_keys, width_qk, width_v, scale,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims, feats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_E)
+    col_ok, dim_ok, feat_ok = cols < num_keys, dims < width_qk, feats < width_v
+    key_offsets = batch * num_keys * width_qk + cols[:, None] * width_qk + dims[None, :]
+    value_offsets = batch * num_keys * width_v + cols[:, None] * width_v + feats[None, :]
+    key_mask, value_mask = col_ok[:, None] & dim_ok[None, :], col_ok[:, None] & feat_ok[None, :]
+    k = tl.load(key + key_offsets, mask=key_mask, other=0.0)
+    v = tl.load(value + value_offsets, mask=value_mask, other=0.0)
+    query += batch * num_queries * width_qk
+    grad_out += batch * num_queries * width_v
+    stats += batch * num_queries
+    delta += batch * num_queries
+    d_key = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    d_value = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
+    for start in range(0, num_queries, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < num_queries
+        q = tl.load(query + rows[:, None] * width_qk + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        d_out = tl.load(grad_out + rows[:, None] * width_v + feats[None, :],
+                        mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+        lse = tl.load(stats + rows, mask=row_ok, other=0.0).to(ACC)
+        row_delta = tl.load(delta + rows, mask=row_ok, other=0.0)
+        # transposed tile (keys x queries): this program's keys are the rows
+        logits = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC) * scale
+        probs = tl.exp(tl.where(row_ok[None, :], logits, float("-inf")) - lse[None, :])
+        d_value = tl.dot(probs.to(d_out.dtype), d_out, d_value, input_precision="ieee", out_dtype=ACC)
+        d_probs = tl.dot(v, tl.trans(d_out), input_precision="ieee", out_dtype=ACC)
+        d_logits = probs * (d_probs - row_delta[None, :])
+        d_key = tl.dot(d_logits.to(q.dtype), q, d_key, input_precision="ieee", out_dtype=ACC)
+    tl.store(grad_key + key_offsets, (d_key * scale).to(grad_key.dtype.element_ty), mask=key_mask)
+    tl.store(grad_value + value_offsets, d_value.to(grad_value.dtype.element_ty), mask=value_mask)
+
+
+@tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER)
+@triton.jit
+def _query_grad_kernel(
+    grad_out, query, key, value, stats, delta, grad_query,
+    num_queries, num_keys, width_qk, width_v, scale,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims, feats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_E)
+    row_ok, dim_ok, feat_ok = rows < num_queries, dims < width_qk, feats < width_v
+    query_offsets = batch * num_queries * width_qk + rows[:, None] * width_qk + dims[None, :]
+    query_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(query + query_offsets, mask=query_mask, other=0.0)
+    d_out = tl.load(grad_out + batch * num_queries * width_v + rows[:, None] * width_v + feats[None, :],
+                    mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+    lse = tl.load(stats + batch * num_queries + rows, mask=row_ok, other=0.0).to(ACC)
+    row_delta = tl.load(delta + batch * num_queries + rows, mask=row_ok, other=0.0)
+    key += batch * num_keys * width_qk
+    value += batch * num_keys * width_v
+    d_query = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    for start in range(0, num_keys, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        col_ok = cols < num_keys
+        k = tl.load(key + cols[:, None] * width_qk + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(value + cols[:, None] * width_v + feats[None, :],
+                    mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+        probs = tl.exp(tl.where(col_ok[None, :], logits, float("-inf")) - lse[:, None])
+        d_probs = tl.dot(d_out, tl.trans(v), input_precision="ieee", out_dtype=ACC)
+        d_logits = probs * (d_probs - row_delta[:, None])
+        d_query = tl.dot(d_logits.to(k.dtype), k, d_query, input_precision="ieee", out_dtype=ACC)
+    tl.store(grad_query + query_offsets, (d_query * scale).to(grad_query.dtype.element_ty), mask=query_mask)
+
+
+def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale,
+                     delta, grad_query, grad_key, grad_value):
+    """Fill grad_query, grad_key, grad_value (and the scratch delta, (B, N) accumulator dtype).
+
+    All tensors contiguous; out is the forward's output (with the center subtracted
+    for diffuse) and log_normalizer its (B, N) lse.
+    """
+    batch, num_queries, width_qk = query.shape
+    num_keys, width_v = value.shape[1], value.shape[2]
+    acc, block_d, block_e = accumulator(query.dtype), padded_width(width_qk), padded_width(width_v)
+    num_rows = batch * num_queries
+    _delta_kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]),)](
+        grad_out, out, center, delta, num_rows, width_v,
+        HAS_CENTER=center is not None, ACC=acc, BLOCK_E=block_e,
+    )
+    sizes = (num_queries, num_keys, width_qk, width_v, scale)
+    _key_value_grad_kernel[lambda meta: (triton.cdiv(num_keys, meta["BLOCK_M"]), batch)](
+        grad_out, query, key, value, log_normalizer, delta, grad_key, grad_value, *sizes,
+        ACC=acc, BLOCK_D=block_d, BLOCK_E=block_e,
+    )
+    _query_grad_kernel[lambda meta: (triton.cdiv(num_queries, meta["BLOCK_N"]), batch)](
+        grad_out, query, key, value, log_normalizer, delta, grad_query, *sizes,
+        ACC=acc, BLOCK_D=block_d, BLOCK_E=block_e,
+    )

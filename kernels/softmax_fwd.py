@@ -1,0 +1,92 @@
+"""Forward of the softmax nonlocal operator: one pass over key tiles per query tile.
+
+out_i = sum_j p_ij v_j [- c_i], p_ij = exp(scale q_i.k_j - lse_i), as in
+FlashAttention-2: each program owns BLOCK_N query rows, streams the keys in tiles of
+BLOCK_M, and keeps a running row maximum and sum (online softmax) so the N x M matrix
+never exists. When the stage already knows lse (HAS_STATS), the probabilities are final
+on first sight: one pass, no rescaling. `diffuse` subtracts the center in the epilogue.
+"""
+import triton
+import triton.language as tl
+
+from fastnl.kernels._launch import accumulator, padded_width, tuned
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_n in (64, 128)
+    for block_m in (32, 64, 128)
+    for warps, stages in ((4, 2), (4, 3), (8, 2))
+]
+
+
+@tuned(_CONFIGS, key=["num_keys", "BLOCK_D", "BLOCK_E", "HAS_STATS"],
+       interpreter_config={"BLOCK_N": 16, "BLOCK_M": 16})
+@triton.jit
+def _softmax_forward_kernel(
+    query, key, value, center, stats_in, out, stats_out,
+    num_queries, num_keys, width_qk, width_v, scale,
+    HAS_CENTER: tl.constexpr, HAS_STATS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims, feats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_E)
+    row_ok = rows < num_queries
+    dim_ok, feat_ok = dims < width_qk, feats < width_v
+    query += batch * num_queries * width_qk
+    key += batch * num_keys * width_qk
+    value += batch * num_keys * width_v
+    q = tl.load(query + rows[:, None] * width_qk + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=ACC)
+    if HAS_STATS:
+        lse = tl.load(stats_in + batch * num_queries + rows, mask=row_ok, other=0.0).to(ACC)
+    else:
+        row_max = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
+        row_sum = tl.zeros((BLOCK_N,), dtype=ACC)
+    for start in range(0, num_keys, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        col_ok = cols < num_keys
+        k = tl.load(key + cols[:, None] * width_qk + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(value + cols[:, None] * width_v + feats[None, :],
+                    mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+        # fp32 inputs: exact fp32 products ("ieee", not TF32), the same numbers as the interpreter
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        if HAS_STATS:
+            probs = tl.exp(logits - lse[:, None])
+        else:
+            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+            # running max changed: rescale what was accumulated under the old one
+            correction = tl.exp(row_max - new_max)
+            probs = tl.exp(logits - new_max[:, None])
+            row_sum = row_sum * correction + tl.sum(probs, axis=1)
+            acc = acc * correction[:, None]
+            row_max = new_max
+        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision="ieee", out_dtype=ACC)
+    if not HAS_STATS:
+        acc = acc / row_sum[:, None]
+        tl.store(stats_out + batch * num_queries + rows, row_max + tl.log(row_sum), mask=row_ok)
+    out_offsets = batch * num_queries * width_v + rows[:, None] * width_v + feats[None, :]
+    out_mask = row_ok[:, None] & feat_ok[None, :]
+    if HAS_CENTER:
+        acc -= tl.load(center + out_offsets, mask=out_mask, other=0.0).to(ACC)
+    tl.store(out + out_offsets, acc.to(out.dtype.element_ty), mask=out_mask)
+
+
+def softmax_forward(query, key, value, center, log_normalizer, scale, out, stats_out):
+    """Fill out (B, N, E) and, when log_normalizer is None, stats_out (B, N) with lse.
+
+    query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or None, all
+    contiguous and of one dtype; log_normalizer (B, N) or None.
+    """
+    batch, num_queries, width_qk = query.shape
+    num_keys, width_v = value.shape[1], value.shape[2]
+    grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_N"]), batch)  # noqa: E731
+    _softmax_forward_kernel[grid](
+        query, key, value, center, log_normalizer, out, stats_out,
+        num_queries, num_keys, width_qk, width_v, scale,
+        HAS_CENTER=center is not None, HAS_STATS=log_normalizer is not None,
+        ACC=accumulator(query.dtype), BLOCK_D=padded_width(width_qk), BLOCK_E=padded_width(width_v),
+    )
