@@ -32,10 +32,11 @@ import importlib
 # name -> module, in order of preference for backend=None on each device type
 _MODULES = {
     "torch": "fastnl.backends.torch_tiled",
+    "triton": "fastnl.backends.triton",
 }
 _PREFERENCE = {
     "cpu": ["torch"],
-    "cuda": ["torch"],
+    "cuda": ["triton", "torch"],
 }
 
 

@@ -1,0 +1,74 @@
+"""The Triton backend against fastnl.reference, on CPU tensors through Triton's interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 on machines without a CUDA device, before
+fastnl.kernels is imported; elsewhere this module skips and tests/test_gpu_backends.py
+runs the same kernels compiled. The interpreter executes each program in numpy, one
+after another, so shapes stay small (N around 64) and it uses 16 x 16 tiles: the cases
+below still span several query and key tiles. It has no bfloat16 (it reads bf16 as
+garbage), so bfloat16 is checked only on a GPU; here the backend must refuse it.
+"""
+import pytest
+import torch
+
+import fastnl
+from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
+from fastnl import backends
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("triton", "cpu") is not None,
+    reason=f"Triton interpreter off: {backends.unavailable_reason('triton', 'cpu')}",
+)
+
+# (B, N, M, D, E); concat uses D = 1, diffuse_value uses M = N
+SHAPES = [
+    (2, 64, 64, 16, 16),  # whole 16-wide tiles, no padding: the plain path
+    (2, 37, 50, 8, 48),   # odd N, M != N: masked query and key tiles; D=8, E=48 padded to 16, 64
+    (1, 61, 23, 1, 1),    # widths 1 padded to 16; M just over one key tile
+    (2, 50, 37, 16, 1),   # M < N; E = 1
+    (1, 17, 64, 8, 16),   # one partial query tile against four key tiles
+]
+DTYPES = [torch.float32, torch.float16]
+KERNELS = ["softmax", "dot", "concat"]
+
+
+def _shape_for(kernel, mode, shape):
+    batch, num_queries, num_keys, width_qk, width_v = shape
+    if mode == "diffuse_value":
+        num_keys = num_queries
+    return batch, num_queries, num_keys, 1 if kernel == "concat" else width_qk, width_v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matches_reference(kernel, shape, dtype, mode):
+    inputs = make_inputs(_shape_for(kernel, mode, shape), dtype, mode)
+    scale = 0.5 if kernel == "softmax" else 1.0
+    results = backend_results(kernel, mode, "triton", *inputs, scale)
+    assert_matches_reference(results, kernel, mode, *inputs, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_shared_statistics(shape, dtype):
+    """A stage's later blocks: lse from one call, then a single-pass diffuse that reuses it."""
+    query, key, value, center, grad_out = make_inputs(shape, dtype, "diffuse")
+    _, log_normalizer = fastnl.nonlocal_attend(query, key, value, backend="triton")
+    logits = query.double() @ key.double().transpose(1, 2)
+    torch.testing.assert_close(log_normalizer.double(), torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=1e-5)
+    results = backend_results("softmax", "diffuse", "triton", query, key, value, center, grad_out, 1.0,
+                              log_normalizer=log_normalizer)
+    assert_matches_reference(results, "softmax", "diffuse", query, key, value, center, grad_out, 1.0)
+
+
+def test_float64_accumulates_in_float64():
+    inputs = make_inputs((1, 20, 33, 8, 16), torch.float64, "diffuse")
+    results = backend_results("softmax", "diffuse", "triton", *inputs, 1.0)
+    assert_matches_reference(results, "softmax", "diffuse", *inputs, 1.0)
+
+
+def test_bfloat16_refused_by_interpreter():
+    query, key, value, _, _ = make_inputs((1, 16, 16, 8, 8), torch.bfloat16, "aggregate")
+    with pytest.raises(TypeError, match="interpreter has no bfloat16"):
+        fastnl.nonlocal_aggregate(query, key, value, backend="triton")
