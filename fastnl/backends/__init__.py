@@ -33,10 +33,11 @@ import importlib
 _MODULES = {
     "torch": "fastnl.backends.torch_tiled",
     "triton": "fastnl.backends.triton",
+    "cuda": "fastnl.backends.cuda",
 }
 _PREFERENCE = {
     "cpu": ["torch"],
-    "cuda": ["triton", "torch"],
+    "cuda": ["triton", "cuda", "torch"],
 }
 
 

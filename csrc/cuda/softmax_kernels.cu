@@ -1,0 +1,232 @@
+// CUDA kernels of the softmax nonlocal operator: launch and memory plumbing only.
+//
+// The design is the simple one: a block of kTile threads owns kTile rows, one row per
+// thread, and walks the other side in tiles of kTile rows that the block stages in
+// shared memory (converted to the accumulator type). All arithmetic is in
+// nonlocal_math.h, shared with the host build that the tests run on the CPU.
+//   forward:  block = query tile, loop over key tiles (online softmax, or one pass with
+//             a known lse), center subtracted on store;
+//   backward: delta_i = dO_i . O_i per row; block = key tile for dK, dV (loop over
+//             query tiles); block = query tile for dQ (loop over key tiles). No atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "nonlocal_math.h"
+#include "softmax_launch.h"
+
+namespace fastnl {
+namespace {
+
+constexpr int kTile = 64;  // threads per block = rows per tile
+
+// Copies rows [start, start + count) of a (rows, width) matrix into shared memory.
+template <typename scalar_t, typename acc_t>
+__device__ void stage_rows(acc_t* tile, const scalar_t* source, int64_t start, int count, int width) {
+  for (int index = threadIdx.x; index < count * width; index += blockDim.x) {
+    tile[index] = static_cast<acc_t>(source[start * width + index]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ void load_row(acc_t* row, const scalar_t* source, int width) {
+  for (int d = 0; d < width; ++d) row[d] = static_cast<acc_t>(source[d]);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
+                               const scalar_t* __restrict__ value, const scalar_t* __restrict__ center,
+                               const acc_t* __restrict__ stats_in, scalar_t* __restrict__ out,
+                               acc_t* __restrict__ stats_out, int num_queries, int num_keys, int width_qk,
+                               int width_v, acc_t scale) {
+  extern __shared__ unsigned char shared[];
+  acc_t* key_tile = reinterpret_cast<acc_t*>(shared);
+  acc_t* value_tile = key_tile + kTile * width_qk;
+  const int64_t batch = blockIdx.y;
+  const int i = blockIdx.x * kTile + threadIdx.x;
+  const bool active = i < num_queries;
+  const int64_t row = batch * num_queries + i;
+  key += batch * num_keys * width_qk;
+  value += batch * num_keys * width_v;
+
+  acc_t query_row[kMaxWidth], accumulator[kMaxWidth];
+  if (active) load_row(query_row, query + row * width_qk, width_qk);
+  for (int e = 0; e < width_v; ++e) accumulator[e] = 0;
+  OnlineRow<acc_t> state = online_start<acc_t>();
+  for (int start = 0; start < num_keys; start += kTile) {
+    const int count = min(kTile, num_keys - start);
+    stage_rows(key_tile, key, start, count, width_qk);
+    stage_rows(value_tile, value, start, count, width_v);
+    __syncthreads();
+    if (active && stats_in != nullptr) {
+      known_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, stats_in[row], accumulator);
+    } else if (active) {
+      online_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state, accumulator);
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  if (stats_in == nullptr) stats_out[row] = online_finish(state, accumulator, width_v);
+  store_row(accumulator, center == nullptr ? nullptr : center + row * width_v, out + row * width_v, width_v);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void delta_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                             const scalar_t* __restrict__ center, acc_t* __restrict__ delta, int64_t num_rows,
+                             int width_v) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= num_rows) return;
+  delta[row] = softmax_delta<acc_t>(grad_out + row * width_v, out + row * width_v,
+                                    center == nullptr ? nullptr : center + row * width_v, width_v);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ query,
+                                  const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
+                                  const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
+                                  scalar_t* __restrict__ grad_query, int num_queries, int num_keys, int width_qk,
+                                  int width_v, acc_t scale) {
+  extern __shared__ unsigned char shared[];
+  acc_t* key_tile = reinterpret_cast<acc_t*>(shared);
+  acc_t* value_tile = key_tile + kTile * width_qk;
+  const int64_t batch = blockIdx.y;
+  const int i = blockIdx.x * kTile + threadIdx.x;
+  const bool active = i < num_queries;
+  const int64_t row = batch * num_queries + i;
+  key += batch * num_keys * width_qk;
+  value += batch * num_keys * width_v;
+
+  acc_t query_row[kMaxWidth], grad_out_row[kMaxWidth], grad_query_row[kMaxWidth];
+  if (active) {
+    load_row(query_row, query + row * width_qk, width_qk);
+    load_row(grad_out_row, grad_out + row * width_v, width_v);
+  }
+  for (int d = 0; d < width_qk; ++d) grad_query_row[d] = 0;
+  for (int start = 0; start < num_keys; start += kTile) {
+    const int count = min(kTile, num_keys - start);
+    stage_rows(key_tile, key, start, count, width_qk);
+    stage_rows(value_tile, value, start, count, width_v);
+    __syncthreads();
+    if (active) {
+      query_grad_tile(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count, width_qk,
+                      width_v, scale, grad_query_row);
+    }
+    __syncthreads();
+  }
+  if (active) {
+    for (int d = 0; d < width_qk; ++d) grad_query[row * width_qk + d] = static_cast<scalar_t>(grad_query_row[d]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ query,
+                                      const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
+                                      const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
+                                      scalar_t* __restrict__ grad_key, scalar_t* __restrict__ grad_value,
+                                      int num_queries, int num_keys, int width_qk, int width_v, acc_t scale) {
+  extern __shared__ unsigned char shared[];
+  acc_t* query_tile = reinterpret_cast<acc_t*>(shared);
+  acc_t* grad_out_tile = query_tile + kTile * width_qk;
+  acc_t* lse_tile = grad_out_tile + kTile * width_v;
+  acc_t* delta_tile = lse_tile + kTile;
+  const int64_t batch = blockIdx.y;
+  const int j = blockIdx.x * kTile + threadIdx.x;
+  const bool active = j < num_keys;
+  const int64_t key_row = batch * num_keys + j;
+  query += batch * num_queries * width_qk;
+  grad_out += batch * num_queries * width_v;
+  stats += batch * num_queries;
+  delta += batch * num_queries;
+
+  acc_t key_row_values[kMaxWidth], value_row[kMaxWidth], grad_key_row[kMaxWidth], grad_value_row[kMaxWidth];
+  if (active) {
+    load_row(key_row_values, key + key_row * width_qk, width_qk);
+    load_row(value_row, value + key_row * width_v, width_v);
+  }
+  for (int d = 0; d < width_qk; ++d) grad_key_row[d] = 0;
+  for (int e = 0; e < width_v; ++e) grad_value_row[e] = 0;
+  for (int start = 0; start < num_queries; start += kTile) {
+    const int count = min(kTile, num_queries - start);
+    stage_rows(query_tile, query, start, count, width_qk);
+    stage_rows(grad_out_tile, grad_out, start, count, width_v);
+    stage_rows(lse_tile, stats, start, count, 1);
+    stage_rows(delta_tile, delta, start, count, 1);
+    __syncthreads();
+    if (active) {
+      key_value_grad_tile(key_row_values, value_row, query_tile, grad_out_tile, lse_tile, delta_tile, count,
+                          width_qk, width_v, scale, grad_key_row, grad_value_row);
+    }
+    __syncthreads();
+  }
+  if (active) {
+    for (int d = 0; d < width_qk; ++d) grad_key[key_row * width_qk + d] = static_cast<scalar_t>(grad_key_row[d]);
+    for (int e = 0; e < width_v; ++e) grad_value[key_row * width_v + e] = static_cast<scalar_t>(grad_value_row[e]);
+  }
+}
+
+// Launches kernel with `shared_bytes` of dynamic shared memory, opting in above 48 KiB.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, size_t shared_bytes, Args... args) {
+  if (shared_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+  }
+  kernel<<<grid, kTile, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+const T* optional_data(const c10::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? tensor->data_ptr<T>() : nullptr;
+}
+
+int blocks(int64_t rows) { return static_cast<int>((rows + kTile - 1) / kTile); }
+
+}  // namespace
+
+void launch_softmax_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const c10::optional<at::Tensor>& center,
+                            const c10::optional<at::Tensor>& log_normalizer, const at::Tensor& out,
+                            const at::Tensor& stats_out, double scale) {
+  const int batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
+  const int width_qk = query.size(2), width_v = value.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fastnl_softmax_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch(forward_kernel<scalar_t, acc_t>, dim3(blocks(num_queries), batch),
+           sizeof(acc_t) * kTile * (width_qk + width_v), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
+           value.data_ptr<scalar_t>(), optional_data<scalar_t>(center), optional_data<acc_t>(log_normalizer),
+           out.data_ptr<scalar_t>(), log_normalizer.has_value() ? nullptr : stats_out.data_ptr<acc_t>(),
+           num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+  });
+}
+
+void launch_softmax_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                             const at::Tensor& value, const c10::optional<at::Tensor>& center,
+                             const at::Tensor& out, const at::Tensor& log_normalizer, const at::Tensor& delta,
+                             const at::Tensor& grad_query, const at::Tensor& grad_key,
+                             const at::Tensor& grad_value, double scale) {
+  const int batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
+  const int width_qk = query.size(2), width_v = value.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fastnl_softmax_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto* d_out = grad_out.data_ptr<scalar_t>();
+    const auto* q = query.data_ptr<scalar_t>();
+    const auto* k = key.data_ptr<scalar_t>();
+    const auto* v = value.data_ptr<scalar_t>();
+    const auto* lse = log_normalizer.data_ptr<acc_t>();
+    auto* row_delta = delta.data_ptr<acc_t>();
+    const int64_t num_rows = static_cast<int64_t>(batch) * num_queries;
+    launch(delta_kernel<scalar_t, acc_t>, dim3(blocks(num_rows)), 0, d_out, out.data_ptr<scalar_t>(),
+           optional_data<scalar_t>(center), row_delta, num_rows, width_v);
+    launch(key_value_grad_kernel<scalar_t, acc_t>, dim3(blocks(num_keys), batch),
+           sizeof(acc_t) * kTile * (width_qk + width_v + 2), d_out, q, k, v, lse,
+           static_cast<const acc_t*>(row_delta), grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+           num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+    launch(query_grad_kernel<scalar_t, acc_t>, dim3(blocks(num_queries), batch),
+           sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, lse, static_cast<const acc_t*>(row_delta),
+           grad_query.data_ptr<scalar_t>(), num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+  });
+}
+
+}  // namespace fastnl
