@@ -42,6 +42,12 @@ def test_bad_input_is_a_clear_error(args, kwargs, error, words):
         fastnl.nonlocal_diffuse(*args, **kwargs)
 
 
+def test_wrong_log_normalizer_is_a_clear_error():
+    query, key, value = operands()
+    with pytest.raises(ValueError, match=r"log_normalizer must have shape \(B, N\) = \(2, 5\)"):
+        fastnl.nonlocal_attend(query, key, value, log_normalizer=torch.zeros(2, 4))
+
+
 def test_mixed_devices_is_a_clear_error():
     query, key, value = operands()
     with pytest.raises(ValueError, match="one device"):
