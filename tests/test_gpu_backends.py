@@ -1,0 +1,65 @@
+"""The triton and cuda backends against fastnl.reference on a real GPU (skipped without one).
+
+The same table as the interpreter and host-math tests, at the paper's sizes and odd
+ones, in float32, float16 and bfloat16 (which the interpreter cannot run). fp32 dots
+use input_precision="ieee", so float32 is held to the same rule as on the CPU. The
+"cuda" backend implements softmax itself and reuses the torch backend for dot/concat.
+Run with `pytest -m gpu` on a machine with a CUDA device.
+"""
+import pytest
+import torch
+
+import fastnl
+from fastnl import backends
+from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# (B, N, M, D, E)
+SHAPES = [
+    (16, 1024, 1024, 8, 16),  # the paper's sizes: D = 8 padded to 16 for tl.dot
+    (16, 256, 256, 16, 32),
+    (16, 64, 64, 32, 64),
+    (3, 333, 517, 1, 48),     # odd N and M, D = 1: masked tiles everywhere
+    (2, 100, 77, 128, 128),   # the widest rows
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CASES = [("triton", "softmax"), ("triton", "dot"), ("triton", "concat"),
+         ("cuda", "softmax"), ("cuda", "dot"), ("cuda", "concat")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend, kernel", CASES)
+def test_matches_reference_on_gpu(backend, kernel, shape, dtype, mode):
+    batch, num_queries, num_keys, width_qk, width_v = shape
+    if mode == "diffuse_value":
+        num_keys = num_queries
+    if kernel == "concat":
+        width_qk = 1
+    inputs = make_inputs((batch, num_queries, num_keys, width_qk, width_v), dtype, mode, device="cuda")
+    scale = 0.5 if kernel == "softmax" else 1.0
+    results = backend_results(kernel, mode, backend, *inputs, scale)
+    assert_matches_reference(results, kernel, mode, *inputs, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_shared_statistics_on_gpu(backend, dtype):
+    query, key, value, center, grad_out = make_inputs((4, 256, 256, 16, 32), dtype, "diffuse", device="cuda")
+    _, log_normalizer = fastnl.nonlocal_attend(query, key, value, backend=backend)
+    logits = query.double() @ key.double().transpose(1, 2)
+    torch.testing.assert_close(log_normalizer.double(), torch.logsumexp(logits, dim=-1), atol=2e-2, rtol=1e-3)
+    results = backend_results("softmax", "diffuse", backend, query, key, value, center, grad_out, 1.0,
+                              log_normalizer=log_normalizer)
+    assert_matches_reference(results, "softmax", "diffuse", query, key, value, center, grad_out, 1.0)
+
+
+def test_triton_is_the_cuda_default():
+    query, key, value, _, _ = make_inputs((1, 8, 8, 4, 4), torch.float32, "aggregate", device="cuda")
+    assert backends.resolve(None, "cuda") == "triton"
+    fastnl.nonlocal_aggregate(query, key, value)
