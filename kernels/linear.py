@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fastnl.kernels._launch import INTERPRET, accumulator, padded_width, tuned
+from fastnl.kernels._tiles import load_rows, store_rows
 
 _CHUNK_ROWS = 32 if INTERPRET else 512  # rows per program of outer_sum
 
@@ -29,15 +30,11 @@ def _outer_sum_kernel(left, right, partial, num_rows, width_l, width_r,
     state = tl.zeros((BLOCK_L, BLOCK_RIGHT), dtype=ACC)
     for start in range(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        row_ok = rows < num_rows
-        a = tl.load(left + rows[:, None] * width_l + cols_l[None, :],
-                    mask=row_ok[:, None] & (cols_l < width_l)[None, :], other=0.0).to(ACC)
-        b = tl.load(right + rows[:, None] * width_r + cols_r[None, :],
-                    mask=row_ok[:, None] & (cols_r < width_r)[None, :], other=0.0).to(ACC)
+        a = load_rows(left, rows, num_rows, cols_l, width_l).to(ACC)
+        b = load_rows(right, rows, num_rows, cols_r, width_r).to(ACC)
         state = tl.dot(tl.trans(a), b, state, input_precision="ieee", out_dtype=ACC)
-    offsets = (batch * tl.num_programs(1) + chunk) * width_l * width_r
-    mask = (cols_l < width_l)[:, None] & (cols_r < width_r)[None, :]
-    tl.store(partial + offsets + cols_l[:, None] * width_r + cols_r[None, :], state, mask=mask)
+    partial += (batch * tl.num_programs(1) + chunk) * width_l * width_r
+    store_rows(partial, state, cols_l, width_l, cols_r, width_r)
 
 
 @tuned([triton.Config({"BLOCK_R": r}, num_warps=w) for r in (64, 128, 256) for w in (4, 8)],
@@ -49,14 +46,11 @@ def _rows_times_kernel(rows_in, state, out, num_rows, width_p, width_q, factor,
     batch = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols_p, cols_q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_Q)
-    row_ok, p_ok, q_ok = rows < num_rows, cols_p < width_p, cols_q < width_q
-    x = tl.load(rows_in + batch * num_rows * width_p + rows[:, None] * width_p + cols_p[None, :],
-                mask=row_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
+    x = load_rows(rows_in + batch * num_rows * width_p, rows, num_rows, cols_p, width_p).to(ACC)
     s = tl.load(state + batch * stride_sb + cols_p[:, None] * stride_sp + cols_q[None, :] * stride_sq,
-                mask=p_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+                mask=(cols_p < width_p)[:, None] & (cols_q < width_q)[None, :], other=0.0).to(ACC)
     y = tl.dot(x, s, input_precision="ieee", out_dtype=ACC) * factor
-    tl.store(out + batch * num_rows * width_q + rows[:, None] * width_q + cols_q[None, :],
-             y.to(out.dtype.element_ty), mask=row_ok[:, None] & q_ok[None, :])
+    store_rows(out + batch * num_rows * width_q, y, rows, num_rows, cols_q, width_q)
 
 
 def outer_sum(left, right):

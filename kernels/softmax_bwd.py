@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fastnl.kernels._launch import accumulator, padded_width, tuned
+from fastnl.kernels._tiles import load_rows, store_rows
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
@@ -28,12 +29,10 @@ def _delta_kernel(grad_out, out, center, delta, num_rows, width_v,
                   HAS_CENTER: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     feats = tl.arange(0, BLOCK_E)
-    mask = (rows < num_rows)[:, None] & (feats < width_v)[None, :]
-    offsets = rows[:, None] * width_v + feats[None, :]
-    aggregate = tl.load(out + offsets, mask=mask, other=0.0).to(ACC)
+    aggregate = load_rows(out, rows, num_rows, feats, width_v).to(ACC)
     if HAS_CENTER:
-        aggregate += tl.load(center + offsets, mask=mask, other=0.0).to(ACC)
-    d_out = tl.load(grad_out + offsets, mask=mask, other=0.0).to(ACC)
+        aggregate += load_rows(center, rows, num_rows, feats, width_v).to(ACC)
+    d_out = load_rows(grad_out, rows, num_rows, feats, width_v).to(ACC)
     tl.store(delta + rows, tl.sum(d_out * aggregate, axis=1), mask=rows < num_rows)
 
 
@@ -48,12 +47,9 @@ def _key_value_grad_kernel(
     batch = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims, feats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_E)
-    col_ok, dim_ok, feat_ok = cols < num_keys, dims < width_qk, feats < width_v
-    key_offsets = batch * num_keys * width_qk + cols[:, None] * width_qk + dims[None, :]
-    value_offsets = batch * num_keys * width_v + cols[:, None] * width_v + feats[None, :]
-    key_mask, value_mask = col_ok[:, None] & dim_ok[None, :], col_ok[:, None] & feat_ok[None, :]
-    k = tl.load(key + key_offsets, mask=key_mask, other=0.0)
-    v = tl.load(value + value_offsets, mask=value_mask, other=0.0)
+    keys_at, values_at = batch * num_keys * width_qk, batch * num_keys * width_v
+    k = load_rows(key + keys_at, cols, num_keys, dims, width_qk)
+    v = load_rows(value + values_at, cols, num_keys, feats, width_v)
     query += batch * num_queries * width_qk
     grad_out += batch * num_queries * width_v
     stats += batch * num_queries
@@ -63,10 +59,8 @@ def _key_value_grad_kernel(
     for start in range(0, num_queries, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < num_queries
-        q = tl.load(query + rows[:, None] * width_qk + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        d_out = tl.load(grad_out + rows[:, None] * width_v + feats[None, :],
-                        mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+        q = load_rows(query, rows, num_queries, dims, width_qk)
+        d_out = load_rows(grad_out, rows, num_queries, feats, width_v)
         lse = tl.load(stats + rows, mask=row_ok, other=0.0).to(ACC)
         row_delta = tl.load(delta + rows, mask=row_ok, other=0.0)
         # transposed tile (keys x queries): this program's keys are the rows
@@ -76,8 +70,8 @@ def _key_value_grad_kernel(
         d_probs = tl.dot(v, tl.trans(d_out), input_precision="ieee", out_dtype=ACC)
         d_logits = probs * (d_probs - row_delta[None, :])
         d_key = tl.dot(d_logits.to(q.dtype), q, d_key, input_precision="ieee", out_dtype=ACC)
-    tl.store(grad_key + key_offsets, (d_key * scale).to(grad_key.dtype.element_ty), mask=key_mask)
-    tl.store(grad_value + value_offsets, d_value.to(grad_value.dtype.element_ty), mask=value_mask)
+    store_rows(grad_key + keys_at, d_key * scale, cols, num_keys, dims, width_qk)
+    store_rows(grad_value + values_at, d_value, cols, num_keys, feats, width_v)
 
 
 @tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER)
@@ -91,12 +85,10 @@ def _query_grad_kernel(
     batch = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims, feats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_E)
-    row_ok, dim_ok, feat_ok = rows < num_queries, dims < width_qk, feats < width_v
-    query_offsets = batch * num_queries * width_qk + rows[:, None] * width_qk + dims[None, :]
-    query_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(query + query_offsets, mask=query_mask, other=0.0)
-    d_out = tl.load(grad_out + batch * num_queries * width_v + rows[:, None] * width_v + feats[None, :],
-                    mask=row_ok[:, None] & feat_ok[None, :], other=0.0)
+    row_ok = rows < num_queries
+    queries_at = batch * num_queries * width_qk
+    q = load_rows(query + queries_at, rows, num_queries, dims, width_qk)
+    d_out = load_rows(grad_out + batch * num_queries * width_v, rows, num_queries, feats, width_v)
     lse = tl.load(stats + batch * num_queries + rows, mask=row_ok, other=0.0).to(ACC)
     row_delta = tl.load(delta + batch * num_queries + rows, mask=row_ok, other=0.0)
     key += batch * num_keys * width_qk
@@ -104,17 +96,14 @@ def _query_grad_kernel(
     d_query = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     for start in range(0, num_keys, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < num_keys
-        k = tl.load(key + cols[:, None] * width_qk + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(value + cols[:, None] * width_v + feats[None, :],
-                    mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+        k = load_rows(key, cols, num_keys, dims, width_qk)
+        v = load_rows(value, cols, num_keys, feats, width_v)
         logits = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
-        probs = tl.exp(tl.where(col_ok[None, :], logits, float("-inf")) - lse[:, None])
+        probs = tl.exp(tl.where((cols < num_keys)[None, :], logits, float("-inf")) - lse[:, None])
         d_probs = tl.dot(d_out, tl.trans(v), input_precision="ieee", out_dtype=ACC)
         d_logits = probs * (d_probs - row_delta[:, None])
         d_query = tl.dot(d_logits.to(k.dtype), k, d_query, input_precision="ieee", out_dtype=ACC)
-    tl.store(grad_query + query_offsets, (d_query * scale).to(grad_query.dtype.element_ty), mask=query_mask)
+    store_rows(grad_query + queries_at, d_query * scale, rows, num_queries, dims, width_qk)
 
 
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale,

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from fastnl.kernels._launch import accumulator, padded_width, tuned
+from fastnl.kernels._tiles import load_rows, store_rows
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
@@ -32,12 +33,9 @@ def _softmax_forward_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims, feats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_E)
     row_ok = rows < num_queries
-    dim_ok, feat_ok = dims < width_qk, feats < width_v
-    query += batch * num_queries * width_qk
     key += batch * num_keys * width_qk
     value += batch * num_keys * width_v
-    q = tl.load(query + rows[:, None] * width_qk + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = load_rows(query + batch * num_queries * width_qk, rows, num_queries, dims, width_qk)
     acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=ACC)
     if HAS_STATS:
         lse = tl.load(stats_in + batch * num_queries + rows, mask=row_ok, other=0.0).to(ACC)
@@ -46,14 +44,11 @@ def _softmax_forward_kernel(
         row_sum = tl.zeros((BLOCK_N,), dtype=ACC)
     for start in range(0, num_keys, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < num_keys
-        k = tl.load(key + cols[:, None] * width_qk + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(value + cols[:, None] * width_v + feats[None, :],
-                    mask=col_ok[:, None] & feat_ok[None, :], other=0.0)
+        k = load_rows(key, cols, num_keys, dims, width_qk)
+        v = load_rows(value, cols, num_keys, feats, width_v)
         # fp32 inputs: exact fp32 products ("ieee", not TF32), the same numbers as the interpreter
         logits = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        logits = tl.where((cols < num_keys)[None, :], logits, float("-inf"))
         if HAS_STATS:
             probs = tl.exp(logits - lse[:, None])
         else:
@@ -68,11 +63,10 @@ def _softmax_forward_kernel(
     if not HAS_STATS:
         acc = acc / row_sum[:, None]
         tl.store(stats_out + batch * num_queries + rows, row_max + tl.log(row_sum), mask=row_ok)
-    out_offsets = batch * num_queries * width_v + rows[:, None] * width_v + feats[None, :]
-    out_mask = row_ok[:, None] & feat_ok[None, :]
+    rows_at = batch * num_queries * width_v
     if HAS_CENTER:
-        acc -= tl.load(center + out_offsets, mask=out_mask, other=0.0).to(ACC)
-    tl.store(out + out_offsets, acc.to(out.dtype.element_ty), mask=out_mask)
+        acc -= load_rows(center + rows_at, rows, num_queries, feats, width_v).to(ACC)
+    store_rows(out + rows_at, acc, rows, num_queries, feats, width_v)
 
 
 def softmax_forward(query, key, value, center, log_normalizer, scale, out, stats_out):
