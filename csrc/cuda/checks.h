@@ -1,5 +1,6 @@
-// Argument checks shared by the CUDA entry points and their host-compiled twin: every
-// error names the offending argument (as flash-attention's flash_api.cpp does).
+// What the CUDA entry points and their host-compiled twin share: argument checks whose
+// errors name the offending argument (as flash-attention's flash_api.cpp does), and
+// the allocation of the outputs.
 #pragma once
 
 #include <torch/extension.h>
@@ -45,6 +46,29 @@ inline void check_softmax_operands(const at::Tensor& query, const at::Tensor& ke
   if (log_normalizer.has_value()) {
     check_tensor(log_normalizer.value(), "log_normalizer", {batch, num_queries}, device, stats_dtype(dtype));
   }
+}
+
+// Checks a forward call; returns {out (B, N, E), lse (B, N)}, lse being log_normalizer when given.
+inline std::vector<at::Tensor> prepare_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                               const c10::optional<at::Tensor>& center,
+                                               const c10::optional<at::Tensor>& log_normalizer, at::DeviceType device) {
+  check_softmax_operands(query, key, value, {{"center", &center}}, log_normalizer, device);
+  auto out = at::empty({query.size(0), query.size(1), value.size(2)}, value.options());
+  auto stats = log_normalizer.has_value()
+                   ? log_normalizer.value()
+                   : at::empty({query.size(0), query.size(1)}, query.options().dtype(stats_dtype(query.scalar_type())));
+  return {out, stats};
+}
+
+// Checks a backward call; returns zeroed {grad_query, grad_key, grad_value}.
+inline std::vector<at::Tensor> prepare_backward(const at::Tensor& grad_out, const at::Tensor& query,
+                                                const at::Tensor& key, const at::Tensor& value,
+                                                const c10::optional<at::Tensor>& center, const at::Tensor& out,
+                                                const at::Tensor& log_normalizer, at::DeviceType device) {
+  const c10::optional<at::Tensor> grad_out_given(grad_out), out_given(out);
+  check_softmax_operands(query, key, value, {{"grad_out", &grad_out_given}, {"center", &center}, {"out", &out_given}},
+                         log_normalizer, device);
+  return {at::zeros_like(query), at::zeros_like(key), at::zeros_like(value)};
 }
 
 }  // namespace fastnl

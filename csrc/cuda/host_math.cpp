@@ -100,29 +100,25 @@ void check_host_dtype(const at::Tensor& query) {
 std::vector<at::Tensor> softmax_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                         const c10::optional<at::Tensor>& center,
                                         const c10::optional<at::Tensor>& log_normalizer, double scale) {
-  check_softmax_operands(query, key, value, {{"center", &center}}, log_normalizer, at::kCPU);
+  auto outputs = prepare_forward(query, key, value, center, log_normalizer, at::kCPU);
   check_host_dtype(query);
-  auto out = at::empty({query.size(0), query.size(1), value.size(2)}, value.options());
-  auto stats = log_normalizer.has_value() ? log_normalizer.value() : at::empty({query.size(0), query.size(1)}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_host_softmax_forward", [&] {
-    forward_rows<scalar_t>(query, key, value, center, log_normalizer, out, stats, static_cast<scalar_t>(scale));
+    forward_rows<scalar_t>(query, key, value, center, log_normalizer, outputs[0], outputs[1],
+                           static_cast<scalar_t>(scale));
   });
-  return {out, stats};
+  return outputs;
 }
 
 std::vector<at::Tensor> softmax_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                                          const at::Tensor& value, const c10::optional<at::Tensor>& center,
                                          const at::Tensor& out, const at::Tensor& log_normalizer, double scale) {
-  const c10::optional<at::Tensor> grad_out_opt(grad_out), out_opt(out);
-  check_softmax_operands(query, key, value, {{"grad_out", &grad_out_opt}, {"center", &center}, {"out", &out_opt}},
-                         log_normalizer, at::kCPU);
+  auto grads = prepare_backward(grad_out, query, key, value, center, out, log_normalizer, at::kCPU);
   check_host_dtype(query);
-  auto grad_query = at::zeros_like(query), grad_key = at::zeros_like(key), grad_value = at::zeros_like(value);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_host_softmax_backward", [&] {
-    backward_rows<scalar_t>(grad_out, query, key, value, center, out, log_normalizer, grad_query, grad_key, grad_value,
+    backward_rows<scalar_t>(grad_out, query, key, value, center, out, log_normalizer, grads[0], grads[1], grads[2],
                             static_cast<scalar_t>(scale));
   });
-  return {grad_query, grad_key, grad_value};
+  return grads;
 }
 
 }  // namespace fastnl

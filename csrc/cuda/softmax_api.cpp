@@ -10,28 +10,20 @@ namespace fastnl {
 std::vector<at::Tensor> softmax_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                         const c10::optional<at::Tensor>& center,
                                         const c10::optional<at::Tensor>& log_normalizer, double scale) {
-  check_softmax_operands(query, key, value, {{"center", &center}}, log_normalizer, at::kCUDA);
   const c10::cuda::CUDAGuard guard(query.device());
-  auto out = at::empty({query.size(0), query.size(1), value.size(2)}, value.options());
-  auto stats = log_normalizer.has_value()
-                   ? log_normalizer.value()
-                   : at::empty({query.size(0), query.size(1)}, query.options().dtype(stats_dtype(query.scalar_type())));
-  launch_softmax_forward(query, key, value, center, log_normalizer, out, stats, scale);
-  return {out, stats};
+  auto outputs = prepare_forward(query, key, value, center, log_normalizer, at::kCUDA);
+  launch_softmax_forward(query, key, value, center, log_normalizer, outputs[0], outputs[1], scale);
+  return outputs;
 }
 
 std::vector<at::Tensor> softmax_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                                          const at::Tensor& value, const c10::optional<at::Tensor>& center,
                                          const at::Tensor& out, const at::Tensor& log_normalizer, double scale) {
-  const c10::optional<at::Tensor> grad_out_opt(grad_out), out_opt(out);
-  check_softmax_operands(query, key, value, {{"grad_out", &grad_out_opt}, {"center", &center}, {"out", &out_opt}},
-                         log_normalizer, at::kCUDA);
   const c10::cuda::CUDAGuard guard(query.device());
-  auto delta = at::empty_like(log_normalizer);
-  auto grad_query = at::empty_like(query), grad_key = at::empty_like(key), grad_value = at::empty_like(value);
-  launch_softmax_backward(grad_out, query, key, value, center, out, log_normalizer, delta, grad_query, grad_key,
-                          grad_value, scale);
-  return {grad_query, grad_key, grad_value};
+  auto grads = prepare_backward(grad_out, query, key, value, center, out, log_normalizer, at::kCUDA);
+  launch_softmax_backward(grad_out, query, key, value, center, out, log_normalizer, at::empty_like(log_normalizer),
+                          grads[0], grads[1], grads[2], scale);
+  return grads;
 }
 
 }  // namespace fastnl

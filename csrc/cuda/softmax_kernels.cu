@@ -34,6 +34,39 @@ __device__ void load_row(acc_t* row, const scalar_t* source, int width) {
   for (int d = 0; d < width; ++d) row[d] = static_cast<acc_t>(source[d]);
 }
 
+// The row a thread owns: blockIdx.y is the batch, blockIdx.x the tile of kTile rows.
+struct ThreadRow {
+  int64_t batch;
+  int64_t row;  // flat index into (B, rows_per_batch)
+  bool active;  // false for the padding threads of the last tile
+};
+
+__device__ ThreadRow thread_row(int rows_per_batch) {
+  const int64_t batch = blockIdx.y;
+  const int index = blockIdx.x * kTile + threadIdx.x;
+  return {batch, batch * rows_per_batch + index, index < rows_per_batch};
+}
+
+// Walks one batch's keys in tiles of kTile rows: the block stages each key and value
+// tile in `shared` (as acc_t), then every thread calls absorb(key_tile, value_tile, count).
+template <typename scalar_t, typename Absorb>
+__device__ void for_each_key_tile(const scalar_t* key, const scalar_t* value, int64_t batch, int num_keys, int width_qk,
+                                  int width_v, unsigned char* shared, Absorb absorb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  key += batch * num_keys * width_qk;
+  value += batch * num_keys * width_v;
+  acc_t* key_tile = reinterpret_cast<acc_t*>(shared);
+  acc_t* value_tile = key_tile + kTile * width_qk;
+  for (int start = 0; start < num_keys; start += kTile) {
+    const int count = min(kTile, num_keys - start);
+    stage_rows(key_tile, key, start, count, width_qk);
+    stage_rows(value_tile, value, start, count, width_v);
+    __syncthreads();
+    absorb(static_cast<const acc_t*>(key_tile), static_cast<const acc_t*>(value_tile), count);
+    __syncthreads();
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
                                const scalar_t* __restrict__ value, const scalar_t* __restrict__ center,
@@ -41,31 +74,22 @@ __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_
                                acc_t* __restrict__ stats_out, int num_queries, int num_keys, int width_qk,
                                int width_v, acc_t scale) {
   extern __shared__ unsigned char shared[];
-  acc_t* key_tile = reinterpret_cast<acc_t*>(shared);
-  acc_t* value_tile = key_tile + kTile * width_qk;
-  const int64_t batch = blockIdx.y;
-  const int i = blockIdx.x * kTile + threadIdx.x;
-  const bool active = i < num_queries;
-  const int64_t row = batch * num_queries + i;
-  key += batch * num_keys * width_qk;
-  value += batch * num_keys * width_v;
+  const ThreadRow mine = thread_row(num_queries);  // plain variables: lambdas below capture them
+  const int64_t batch = mine.batch, row = mine.row;
+  const bool active = mine.active;
 
   acc_t query_row[kMaxWidth], accumulator[kMaxWidth];
   if (active) load_row(query_row, query + row * width_qk, width_qk);
   for (int e = 0; e < width_v; ++e) accumulator[e] = 0;
   OnlineRow<acc_t> state = online_start<acc_t>();
-  for (int start = 0; start < num_keys; start += kTile) {
-    const int count = min(kTile, num_keys - start);
-    stage_rows(key_tile, key, start, count, width_qk);
-    stage_rows(value_tile, value, start, count, width_v);
-    __syncthreads();
+  for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
+                    [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
     if (active && stats_in != nullptr) {
       known_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, stats_in[row], accumulator);
     } else if (active) {
       online_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state, accumulator);
     }
-    __syncthreads();
-  }
+  });
   if (!active) return;
   if (stats_in == nullptr) stats_out[row] = online_finish(state, accumulator, width_v);
   store_row(accumulator, center == nullptr ? nullptr : center + row * width_v, out + row * width_v, width_v);
@@ -88,14 +112,9 @@ __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const s
                                   scalar_t* __restrict__ grad_query, int num_queries, int num_keys, int width_qk,
                                   int width_v, acc_t scale) {
   extern __shared__ unsigned char shared[];
-  acc_t* key_tile = reinterpret_cast<acc_t*>(shared);
-  acc_t* value_tile = key_tile + kTile * width_qk;
-  const int64_t batch = blockIdx.y;
-  const int i = blockIdx.x * kTile + threadIdx.x;
-  const bool active = i < num_queries;
-  const int64_t row = batch * num_queries + i;
-  key += batch * num_keys * width_qk;
-  value += batch * num_keys * width_v;
+  const ThreadRow mine = thread_row(num_queries);  // plain variables: lambdas below capture them
+  const int64_t batch = mine.batch, row = mine.row;
+  const bool active = mine.active;
 
   acc_t query_row[kMaxWidth], grad_out_row[kMaxWidth], grad_query_row[kMaxWidth];
   if (active) {
@@ -103,17 +122,13 @@ __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const s
     load_row(grad_out_row, grad_out + row * width_v, width_v);
   }
   for (int d = 0; d < width_qk; ++d) grad_query_row[d] = 0;
-  for (int start = 0; start < num_keys; start += kTile) {
-    const int count = min(kTile, num_keys - start);
-    stage_rows(key_tile, key, start, count, width_qk);
-    stage_rows(value_tile, value, start, count, width_v);
-    __syncthreads();
+  for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
+                    [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
     if (active) {
       query_grad_tile(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count, width_qk,
                       width_v, scale, grad_query_row);
     }
-    __syncthreads();
-  }
+  });
   if (active) {
     for (int d = 0; d < width_qk; ++d) grad_query[row * width_qk + d] = static_cast<scalar_t>(grad_query_row[d]);
   }
@@ -130,10 +145,9 @@ __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, con
   acc_t* grad_out_tile = query_tile + kTile * width_qk;
   acc_t* lse_tile = grad_out_tile + kTile * width_v;
   acc_t* delta_tile = lse_tile + kTile;
-  const int64_t batch = blockIdx.y;
-  const int j = blockIdx.x * kTile + threadIdx.x;
-  const bool active = j < num_keys;
-  const int64_t key_row = batch * num_keys + j;
+  const ThreadRow mine = thread_row(num_keys);
+  const int64_t batch = mine.batch, key_row = mine.row;
+  const bool active = mine.active;
   query += batch * num_queries * width_qk;
   grad_out += batch * num_queries * width_v;
   stats += batch * num_queries;
