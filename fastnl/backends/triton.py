@@ -10,6 +10,9 @@ set before fastnl.kernels is imported), which is how the tests check them withou
 GPU. Widths D and E up to 128; inputs float16, bfloat16 (GPU only: the interpreter
 has no bfloat16), float32 and float64, accumulated in float32 (float64 for float64).
 """
+import contextlib
+import functools
+
 import torch
 
 from fastnl.backends.torch_tiled import accumulate_dtype, concat_backward, concat_forward  # noqa: F401
@@ -39,6 +42,19 @@ def is_available(device_type):
     return f"Triton has no {device_type} target"
 
 
+def _on_inputs_device(function):
+    """Run `function` with the CUDA device of its first tensor current: Triton launches
+    on the current device, which need not be the tensors' on a multi-GPU machine."""
+
+    @functools.wraps(function)
+    def wrapper(first, *args):
+        guard = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return function(first, *args)
+
+    return wrapper
+
+
 def _check(query, value):
     launch = _kernels()[0]
     if launch.INTERPRET and query.dtype == torch.bfloat16:
@@ -50,6 +66,7 @@ def _check(query, value):
                          f"use backend='torch'")
 
 
+@_on_inputs_device
 def softmax_forward(query, key, value, center, log_normalizer, scale):
     _check(query, value)
     softmax_fwd = _kernels()[2]
@@ -62,6 +79,7 @@ def softmax_forward(query, key, value, center, log_normalizer, scale):
     return out, (log_normalizer if log_normalizer is not None else stats)
 
 
+@_on_inputs_device
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):
     _check(query, value)
     softmax_bwd = _kernels()[3]
@@ -78,6 +96,7 @@ def _with_column(rows, column):
     return torch.cat([rows, column.unsqueeze(-1).to(rows.dtype)], dim=-1)
 
 
+@_on_inputs_device
 def dot_forward(query, key, value, center, scale):
     _check(query, value)
     linear = _kernels()[1]
@@ -93,6 +112,7 @@ def dot_forward(query, key, value, center, scale):
     return out.to(value.dtype), row_weight
 
 
+@_on_inputs_device
 def dot_backward(grad_out, query, key, value, center, scale):
     _check(query, value)
     linear = _kernels()[1]
