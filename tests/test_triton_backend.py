@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastnl
+import test_ops
 from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 from fastnl import backends
 
@@ -72,3 +73,13 @@ def test_bfloat16_refused_by_interpreter():
     query, key, value, _, _ = make_inputs((1, 16, 16, 8, 8), torch.bfloat16, "aggregate")
     with pytest.raises(TypeError, match="interpreter has no bfloat16"):
         fastnl.nonlocal_aggregate(query, key, value, backend="triton")
+
+
+@pytest.mark.parametrize("with_center", [False, True])
+def test_opcheck_forward_ops(with_center):
+    """The custom-op contract (fake kernels, no aliasing, autograd registration) with this backend."""
+    test_ops.test_opcheck_forward_ops("triton", with_center)
+
+
+def test_opcheck_backward_ops():
+    test_ops.test_opcheck_backward_ops("triton")

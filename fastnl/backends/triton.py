@@ -105,10 +105,11 @@ def dot_forward(query, key, value, center, scale):
     # state (B, D, E + 1) = [sum_j k_j v_j^T, sum_j k_j]
     state = linear.outer_sum(key, _with_column(value, torch.ones_like(value[..., 0])))
     sums = linear.rows_times(query, state, scale / key.shape[1], acc)
-    # two separate tensors: a custom op's outputs may not alias each other
-    out, row_weight = sums[..., :width_v], sums[..., width_v].clone()
+    # fresh contiguous tensors: a custom op's outputs may not alias, and must have the
+    # strides its fake kernel promises
+    out, row_weight = sums[..., :width_v].contiguous(), sums[..., width_v].contiguous()
     if center is not None:
-        out = out - row_weight.unsqueeze(-1) * center.to(acc)
+        out.sub_(row_weight.unsqueeze(-1) * center.to(acc))
     return out.to(value.dtype), row_weight
 
 
