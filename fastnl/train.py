@@ -37,15 +37,15 @@ def parser():
                    help="holds cifar-10-batches-py/ (or cifar-100-python/), downloaded if missing, "
                         "or an ImageFolder tree train/<class>/, test/<class>/")
     p.add_argument("--cache-dir", default=None,
-                   help="where decoded ImageFolder tensors are cached (default $FASTNL_CACHE_DIR "
-                        "or ~/.cache/fastnl)")
+                   help="where decoded ImageFolder tensors are cached; None: $FASTNL_CACHE_DIR "
+                        "or ~/.cache/fastnl")
     p.add_argument("--arch", choices=sorted(ARCHS), default=default.arch)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--preset", choices=list(PRESETS), help="a Table 1 row (default: baseline)")
+    where.add_argument("--preset", choices=list(PRESETS), help="a Table 1 row; None (and no --placement): baseline")
     where.add_argument("--placement", help="a placement spec, e.g. 'proposed:3@2.2'")
     p.add_argument("--mode", choices=sorted(MODES), default=default.mode, help="nonlocal affinity kernel")
     p.add_argument("--backend", default=None,
-                   help="nonlocal op backend (fastnl.backends names; default: the device's fastest)")
+                   help="nonlocal op backend (fastnl.backends names); None: the device's fastest")
     p.add_argument("--out", default=default.out, help="directory for config.json, logs, checkpoint")
     p.add_argument("--epochs", type=int, default=default.epochs)
     p.add_argument("--lr", type=float, default=default.lr)
@@ -56,7 +56,7 @@ def parser():
                    help="comma-separated epochs after which lr is multiplied by --gamma")
     p.add_argument("--gamma", type=float, default=default.gamma)
     p.add_argument("--seed", type=int, default=default.seed)
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1; None: cuda if available")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype (GPU)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
