@@ -5,6 +5,7 @@ the end), so a GPU is not synchronised every step; a non-finite loss stops train
 within that many steps instead of silently training on NaN weights.
 """
 import contextlib
+import math
 import sys
 import time
 
@@ -60,7 +61,7 @@ def train_one_epoch(model, optimizer, scaler, images, labels, generator, config,
         seen += len(targets)
         if step % CHECK_EVERY == 0 or step == len(batches):
             mean_loss = loss_sum.item() / seen
-            if not torch.isfinite(torch.tensor(mean_loss)):
+            if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"training loss became {mean_loss} at step {step} of this epoch")
             progress.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", refresh=False)
     seconds = time.perf_counter() - start
