@@ -32,9 +32,10 @@ import importlib
 # name -> module, in order of preference for backend=None on each device type
 _MODULES = {
     "torch": "fastnl.backends.torch_tiled",
+    "cpp": "fastnl.backends.cpp",
 }
 _PREFERENCE = {
-    "cpu": ["torch"],
+    "cpu": ["cpp", "torch"],
     "cuda": ["torch"],
 }
 

@@ -1,0 +1,121 @@
+// Tile arithmetic shared by the CPU kernels: packing tiles into vector-padded
+// buffers, one register-blocked small matrix product, and a fast exponential.
+// Everything is written on at::vec::Vectorized, so one source serves AVX512, AVX2
+// and the scalar fallback; the build chooses the capability (fastnl/backends/cpp.py).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace fastnl {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// A vector-padded width: rows of packed tiles start on whole vectors.
+template <typename T>
+inline int64_t padded(int64_t width) {
+  return round_up(width, Vec<T>::size());
+}
+
+// e^x by a short polynomial (exp_u20, as PyTorch's CPU flash attention), which
+// flushes large negative x to 0 but turns NaN into a finite number: put NaN back.
+template <typename T>
+inline Vec<T> fast_exp(const Vec<T>& x) {
+  return Vec<T>::blendv(x.exp_u20(), x, x.isnan());
+}
+
+// max that keeps NaN, so a NaN logit makes its whole row NaN as in torch.softmax.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+// dst (cols, ld) = src (rows, cols) transposed, columns rows..ld zero.
+template <typename T>
+inline void pack_transposed(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* out = dst + c * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r] = src[r * cols + c];
+    for (int64_t r = rows; r < ld; ++r) out[r] = T(0);
+  }
+}
+
+// dst (rows, ld) = src (rows, cols), columns cols..ld zero.
+template <typename T>
+inline void pack_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[r * cols + c];
+    for (int64_t c = cols; c < ld; ++c) dst[r * ld + c] = T(0);
+  }
+}
+
+// Register blocks of the product: AVX512 has 32 vector registers, AVX2 16.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kWideVecs = 4;
+#else
+constexpr int kWideVecs = 2;
+#endif
+constexpr int kWideRows = 4;
+constexpr int kNarrowRows = 8;
+
+// C[r, :] (+)= sum_k A(r, k) B[k, :] for ROWS rows and VECS vectors of columns, all
+// in registers. A is read one element at a time through strides, so a transposed A
+// costs nothing; DEPTH > 0 fixes the depth at compile time (the small widths D).
+template <typename T, int ROWS, int VECS, int DEPTH>
+inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+                          T* c, int64_t ldc, int64_t depth, bool accumulate) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[ROWS][VECS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v)
+      acc[r][v] = accumulate ? Vec<T>::loadu(c + r * ldc + v * L) : Vec<T>(T(0));
+  const int64_t count = DEPTH > 0 ? DEPTH : depth;
+  for (int64_t k = 0; k < count; ++k) {
+    Vec<T> row[VECS];
+    for (int v = 0; v < VECS; ++v) row[v] = Vec<T>::loadu(b + k * ldb + v * L);
+    for (int r = 0; r < ROWS; ++r) {
+      const Vec<T> coefficient(a[r * a_row + k * a_col]);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = at::vec::fmadd(coefficient, row[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v) acc[r][v].store(c + r * ldc + v * L);
+}
+
+template <typename T, int ROWS, int VECS, int DEPTH>
+inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b,
+                         int64_t ldb, T* c, int64_t ldc, int64_t depth, bool accumulate) {
+  int64_t r = 0;
+  for (; r + ROWS <= rows; r += ROWS)
+    product_block<T, ROWS, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
+                                        accumulate);
+  for (; r < rows; ++r)
+    product_block<T, 1, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
+                                     accumulate);
+}
+
+// C (rows, width) (+)= A (rows, depth) B (depth, width), A(r, k) = a[r * a_row + k * a_col].
+// width is a multiple of the vector size, and B, C rows are that wide (padded).
+template <typename T, int DEPTH = 0>
+inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row,
+                        int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t column = 0;
+  for (; column + kWideVecs * L <= width; column += kWideVecs * L)
+    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
+                                                 depth, accumulate);
+  for (; column < width; column += L)
+    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
+                                           depth, accumulate);
+}
+
+}  // namespace fastnl
