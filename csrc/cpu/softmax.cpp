@@ -49,9 +49,10 @@ void mask_padding(T* logits, int64_t rows, int64_t keys, int64_t width) {
     std::fill(logits + r * width + keys, logits + (r + 1) * width, -std::numeric_limits<T>::infinity());
 }
 
-// p = exp(logit - shift) in place over a padded row; returns sum p.
+// p = exp(logit - shift) in place over a padded row; returns the lane-wise sum of p,
+// left unreduced so the caller can keep per-row sums in vectors.
 template <typename T>
-T exp_row(T* row, int64_t width, T shift) {
+Vec<T> exp_row(T* row, int64_t width, T shift) {
   const Vec<T> shift_vec(shift);
   Vec<T> total(T(0));
   for (int64_t c = 0; c < width; c += Vec<T>::size()) {
@@ -59,14 +60,48 @@ T exp_row(T* row, int64_t width, T shift) {
     p.store(row + c);
     total = total + p;
   }
-  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, total);
+  return total;
 }
 
 template <typename T>
+T reduce_sum(const Vec<T>& lanes) {
+  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, lanes);
+}
+
+// Two independent chains: the row maxima are latency-, not throughput-bound.
+template <typename T>
 T max_row(const T* row, int64_t width) {
-  Vec<T> best(-std::numeric_limits<T>::infinity());
-  for (int64_t c = 0; c < width; c += Vec<T>::size()) best = at::vec::maximum(best, Vec<T>::loadu(row + c));
-  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return at::vec::maximum(x, y); }, best);
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> even(-std::numeric_limits<T>::infinity()), odd = even;
+  int64_t c = 0;
+  for (; c + 2 * L <= width; c += 2 * L) {
+    even = at::vec::maximum(even, Vec<T>::loadu(row + c));
+    odd = at::vec::maximum(odd, Vec<T>::loadu(row + c + L));
+  }
+  if (c < width) even = at::vec::maximum(even, Vec<T>::loadu(row + c));
+  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return at::vec::maximum(x, y); },
+                                    at::vec::maximum(even, odd));
+}
+
+// Online softmax over one logit tile: new row maxima, the correction factors of what
+// was accumulated under the old ones (computed for all rows at once, as vectors),
+// probabilities in place of the logits, and lane-wise running sums.
+template <typename T>
+void online_softmax_tile(T* logits, int64_t rows, int64_t width, T* row_max, T* correction, T* tile_max,
+                         T* row_sums) {
+  constexpr int64_t L = Vec<T>::size();
+  for (int64_t r = 0; r < rows; ++r) tile_max[r] = max_row(logits + r * width, width);
+  for (int64_t r = 0; r < rows; r += L) {
+    const int64_t count = std::min(L, rows - r);
+    const Vec<T> old_max = Vec<T>::loadu(row_max + r, count);
+    const Vec<T> new_max = at::vec::maximum(old_max, Vec<T>::loadu(tile_max + r, count));
+    fast_exp(old_max - new_max).store(correction + r, count);
+    new_max.store(row_max + r, count);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const Vec<T> tile_sum = exp_row(logits + r * width, width, row_max[r]);
+    (Vec<T>::loadu(row_sums + r * L) * Vec<T>(correction[r]) + tile_sum).store(row_sums + r * L);
+  }
 }
 
 template <typename T, int DEPTH>
@@ -79,7 +114,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scaled_query(kQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
     std::vector<T> logits(kQueryTile * tile_width), acc(kQueryTile * value_width);
-    std::vector<T> row_max(kQueryTile), row_sum(kQueryTile);
+    std::vector<T> row_max(kQueryTile), correction(kQueryTile), tile_max(kQueryTile);
+    std::vector<T> row_sums(kQueryTile * Vec<T>::size());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / query_tiles, q0 = (item % query_tiles) * kQueryTile;
       const int64_t rows = std::min(kQueryTile, N - q0);
@@ -87,7 +123,7 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       for (int64_t i = 0; i < rows * D; ++i) scaled_query[i] = q[i] * scale;
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
-      std::fill(row_sum.begin(), row_sum.end(), T(0));
+      std::fill(row_sums.begin(), row_sums.end(), T(0));
       for (int64_t k0 = 0; k0 < M; k0 += kKeyTile) {
         const int64_t keys = std::min(kKeyTile, M - k0), width = padded<T>(keys);
         pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), width);
@@ -95,21 +131,16 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
         matmul_tile<T, DEPTH>(rows, width, D, scaled_query.data(), D, 1, key_t.data(), width, logits.data(),
                               width, false);
         mask_padding(logits.data(), rows, keys, width);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* row = logits.data() + r * width;
-          if (known_lse) {
-            exp_row(row, width, known_lse[b * N + q0 + r]);
-            continue;
-          }
-          const T new_max = nan_max(row_max[r], max_row(row, width));
-          // running max changed: rescale what was accumulated under the old one
-          const T correction = std::exp(row_max[r] - new_max);
-          row_sum[r] = row_sum[r] * correction + exp_row(row, width, new_max);
-          row_max[r] = new_max;
-          if (correction != T(1)) {
+        if (known_lse) {
+          for (int64_t r = 0; r < rows; ++r) exp_row(logits.data() + r * width, width, known_lse[b * N + q0 + r]);
+        } else {
+          online_softmax_tile(logits.data(), rows, width, row_max.data(), correction.data(), tile_max.data(),
+                              row_sums.data());
+          // running maxima changed: rescale what was accumulated under the old ones
+          for (int64_t r = 0; r < rows; ++r) {
             T* acc_row = acc.data() + r * value_width;
             for (int64_t c = 0; c < value_width; c += Vec<T>::size())
-              (Vec<T>::loadu(acc_row + c) * Vec<T>(correction)).store(acc_row + c);
+              (Vec<T>::loadu(acc_row + c) * Vec<T>(correction[r])).store(acc_row + c);
           }
         }
         matmul_tile<T>(rows, value_width, keys, logits.data(), width, 1, value_rows.data(), value_width,
@@ -117,10 +148,11 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
-        const T inverse = known_lse ? T(1) : T(1) / row_sum[r];
+        const T row_sum = known_lse ? T(1) : reduce_sum(Vec<T>::loadu(row_sums.data() + r * Vec<T>::size()));
+        const T inverse = T(1) / row_sum;
         for (int64_t e = 0; e < E; ++e)
           out[i * E + e] = acc[r * value_width + e] * inverse - (center ? center[i * E + e] : T(0));
-        if (!known_lse) lse[i] = row_max[r] + std::log(row_sum[r]);
+        if (!known_lse) lse[i] = row_max[r] + std::log(row_sum);
       }
     }
   });
