@@ -149,7 +149,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
         const T row_sum = known_lse ? T(1) : reduce_sum(Vec<T>::loadu(row_sums.data() + r * Vec<T>::size()));
-        const T inverse = T(1) / row_sum;
+        // a NaN logit makes its row max (or given statistic) NaN and, as in torch.softmax, its row NaN
+        const T inverse = std::isnan(known_lse ? known_lse[i] : row_max[r]) ? NAN : T(1) / row_sum;
         for (int64_t e = 0; e < E; ++e)
           out[i * E + e] = acc[r * value_width + e] * inverse - (center ? center[i * E + e] : T(0));
         if (!known_lse) lse[i] = row_max[r] + std::log(row_sum);
@@ -211,6 +212,11 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           for (int64_t r = 0; r < rows; ++r) {
             T* p_row = probs.data() + r * width;
             T* ds_row = grad_logits.data() + r * width;
+            if (std::isnan(lse[first + q0 + r])) {  // a NaN row reaches every gradient, as in the definition
+              std::fill(p_row, p_row + width, NAN);
+              std::fill(ds_row, ds_row + width, NAN);
+              continue;
+            }
             const Vec<T> shift(lse[first + q0 + r]), row_delta(delta[q0 + r]);
             for (int64_t c = 0; c < width; c += Vec<T>::size()) {
               const Vec<T> p = fast_exp(Vec<T>::loadu(p_row + c) - shift);

@@ -46,8 +46,9 @@ def build(verbose=False):
     return cpp_extension.load(
         name=f"fastnl_cpp_{capability.lower()}",
         sources=sorted(str(path) for path in (CSRC / "cpu").glob("*.cpp")),
-        extra_cflags=["-O3", "-DCPU_CAPABILITY=DEFAULT"] if capability == "DEFAULT"
-        else ["-O3", *_CAPABILITY_FLAGS[capability]],
+        # -fopenmp: at::parallel_for is inline and runs serially without it
+        extra_cflags=["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])],
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=verbose,
     )
