@@ -23,8 +23,10 @@
 namespace fastnl {
 namespace {
 
+// rows x keys per tile; measured on B=16, N=1024, D=8, E=16 (benchmarks/test_cpp_bench.py)
 constexpr int64_t kQueryTile = 64;
-constexpr int64_t kKeyTile = 128;
+constexpr int64_t kForwardKeyTile = 256;
+constexpr int64_t kBackwardKeyTile = 128;
 constexpr int64_t kMinWorkItems = 16;  // backward: groups per batch = ceil(16 / B)
 
 // Calls fn with D as a compile-time constant for the small widths, 0 (runtime) otherwise.
@@ -109,7 +111,7 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
                     const T* known_lse, T* out, T* lse, T scale) {
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
   const int64_t value_width = padded<T>(E);
-  const int64_t tile_width = padded<T>(std::min(kKeyTile, M));
+  const int64_t tile_width = padded<T>(std::min(kForwardKeyTile, M));
   const int64_t query_tiles = (N + kQueryTile - 1) / kQueryTile;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scaled_query(kQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
@@ -124,8 +126,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
       std::fill(row_sums.begin(), row_sums.end(), T(0));
-      for (int64_t k0 = 0; k0 < M; k0 += kKeyTile) {
-        const int64_t keys = std::min(kKeyTile, M - k0), width = padded<T>(keys);
+      for (int64_t k0 = 0; k0 < M; k0 += kForwardKeyTile) {
+        const int64_t keys = std::min(kForwardKeyTile, M - k0), width = padded<T>(keys);
         pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), width);
         pack_rows(value + (b * M + k0) * E, keys, E, value_rows.data(), value_width);
         matmul_tile<T, DEPTH>(rows, width, D, scaled_query.data(), D, 1, key_t.data(), width, logits.data(),
@@ -165,17 +167,20 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                      T scale) {
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
   const int64_t key_stride = padded<T>(M), depth_width = padded<T>(D);
-  const int64_t tile_width = padded<T>(std::min(kKeyTile, M));
+  const int64_t tile_width = padded<T>(std::min(kBackwardKeyTile, M));
   const int64_t query_tiles = (N + kQueryTile - 1) / kQueryTile;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / s.batch);
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
   const int64_t groups = std::max<int64_t>(1, (query_tiles + tiles_per_group - 1) / tiles_per_group);
   const int64_t group_rows = tiles_per_group * kQueryTile;
+  // dQ += dS K: for D narrower than a vector, as lane-wise partial sums (matmul_lanes)
+  constexpr bool kLaneGradQuery = DEPTH > 0 && DEPTH < Vec<T>::size();
+  const int64_t grad_q_width = kLaneGradQuery ? D * Vec<T>::size() : depth_width;
   // (B, groups, D + E, M padded): each group's dK^T and dV^T
   std::vector<T> partial(s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * depth_width);
+    std::vector<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
     std::vector<T> key_t(D * tile_width), value_t(E * tile_width), key_rows(tile_width * depth_width);
     std::vector<T> probs(kQueryTile * tile_width), grad_logits(kQueryTile * tile_width);
     for (int64_t item = begin; item < end; ++item) {
@@ -195,11 +200,11 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
       std::fill(grad_q.begin(), grad_q.end(), T(0));
       T* grad_key_t = partial.data() + item * (D + E) * key_stride;
       T* grad_value_t = grad_key_t + D * key_stride;
-      for (int64_t k0 = 0; k0 < M; k0 += kKeyTile) {
-        const int64_t keys = std::min(kKeyTile, M - k0), width = padded<T>(keys);
+      for (int64_t k0 = 0; k0 < M; k0 += kBackwardKeyTile) {
+        const int64_t keys = std::min(kBackwardKeyTile, M - k0), width = padded<T>(keys);
         pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), width);
         pack_transposed(value + (b * M + k0) * E, keys, E, value_t.data(), width);
-        pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), depth_width);
+        if (!kLaneGradQuery) pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), depth_width);
         for (int64_t q0 = 0; q0 < rows_in_group; q0 += kQueryTile) {
           const int64_t rows = std::min(kQueryTile, rows_in_group - q0);
           const T* query_tile = scaled_query.data() + q0 * D;
@@ -228,12 +233,21 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                          true);
           matmul_tile<T>(D, width, rows, query_tile, 1, D, grad_logits.data(), width, grad_key_t + k0, key_stride,
                          true);
-          matmul_tile<T>(rows, depth_width, keys, grad_logits.data(), width, 1, key_rows.data(), depth_width,
-                         grad_q.data() + q0 * depth_width, depth_width, true);
+          if constexpr (kLaneGradQuery) {
+            matmul_lanes<T, DEPTH>(rows, width, grad_logits.data(), width, key_t.data(), width,
+                                   grad_q.data() + q0 * grad_q_width);
+          } else {
+            matmul_tile<T>(rows, depth_width, keys, grad_logits.data(), width, 1, key_rows.data(), depth_width,
+                           grad_q.data() + q0 * grad_q_width, depth_width, true);
+          }
         }
       }
       for (int64_t r = 0; r < rows_in_group; ++r)
-        for (int64_t d = 0; d < D; ++d) grad_query[(first + r) * D + d] = scale * grad_q[r * depth_width + d];
+        for (int64_t d = 0; d < D; ++d) {
+          const T* sum = grad_q.data() + r * grad_q_width;
+          grad_query[(first + r) * D + d] =
+              scale * (kLaneGradQuery ? reduce_sum(Vec<T>::loadu(sum + d * Vec<T>::size())) : sum[d]);
+        }
     }
   });
 

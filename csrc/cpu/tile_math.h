@@ -28,23 +28,32 @@ inline int64_t padded(int64_t width) {
 }
 
 // e^x for the shifted logits of the softmax kernels (x <= ~0), the hot spot of the
-// flash loops. float: the range reduction and degree-5 polynomial of PyTorch's
-// exp_u20 (relative error ~1e-6) without its overflow and NaN handling, which costs a
-// third of its instructions: x is clamped at -87.3 so 2^n stays a normal number, and
-// e^x below that is ~1e-38 instead of 0. NaN is not carried; the kernels make rows
-// with a NaN statistic NaN themselves. double: the accurate exp.
+// flash loops. float: the range reduction x = n ln2 + r and degree-5 polynomial of
+// PyTorch's exp_u20 (relative error ~1e-6), without its overflow and NaN handling,
+// which costs a third of its instructions. On AVX512 one scalef forms p 2^n exactly
+// (0 for x = -inf, NaN kept); elsewhere x is clamped at -87.3 so 2^n stays normal
+// (e^x below that is ~1e-38, not 0, and NaN is not carried: the kernels make rows
+// with a NaN statistic NaN themselves). double: the accurate exp.
 template <typename T>
 inline Vec<T> fast_exp(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-    using Bits = Vec<int32_t>;
-    const Vec<float> clamped = at::vec::clamp_min(x, Vec<float>(-87.3f));
-    const Vec<float> n = (clamped * Vec<float>(1.44269504f)).round();  // x = n ln2 + r
-    const Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693147181f), clamped);
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec<float> input = x;
+#else
+    const Vec<float> input = at::vec::clamp_min(x, Vec<float>(-87.3f));
+#endif
+    const Vec<float> n = (input * Vec<float>(1.44269504f)).round();
+    const Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693147181f), input);
     Vec<float> poly(0.00828929059f);
     for (const float coefficient : {0.0418978221f, 0.166676521f, 0.499991506f, 0.999999701f, 1.0f})
       poly = at::vec::fmadd(poly, r, Vec<float>(coefficient));
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_scalef_ps(poly, n);
+#else
+    using Bits = Vec<int32_t>;
     const Bits two_to_n = (at::vec::convert_to_int_of_same_size(n) + Bits(127)) << Bits(23);
     return poly * at::vec::cast<float>(two_to_n);
+#endif
   } else {
     return x.exp();
   }
@@ -127,6 +136,38 @@ inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, 
   for (; column < width; column += L)
     product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
                                            depth, accumulate);
+}
+
+// lanes[r][d] += A[r, :] * B[d, :] lane by lane, for r < ROWS and d < DEPTH: the
+// product A B^T contracted along the vectors, whose lanes the caller sums once at
+// the end. For outputs narrower than a vector (D = 8 in float), where matmul_tile
+// would compute half a vector of padding.
+template <typename T, int ROWS, int DEPTH>
+inline void lane_block(int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb, T* lanes) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[ROWS][DEPTH];
+  for (int r = 0; r < ROWS; ++r)
+    for (int d = 0; d < DEPTH; ++d) acc[r][d] = Vec<T>::loadu(lanes + (r * DEPTH + d) * L);
+  for (int64_t c = 0; c < width; c += L) {
+    Vec<T> row[ROWS];
+    for (int r = 0; r < ROWS; ++r) row[r] = Vec<T>::loadu(a + r * lda + c);
+    for (int d = 0; d < DEPTH; ++d) {
+      const Vec<T> column = Vec<T>::loadu(b + d * ldb + c);
+      for (int r = 0; r < ROWS; ++r) acc[r][d] = at::vec::fmadd(row[r], column, acc[r][d]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int d = 0; d < DEPTH; ++d) acc[r][d].store(lanes + (r * DEPTH + d) * L);
+}
+
+// lanes (rows, DEPTH, vector) += A (rows, width) B^T (width, DEPTH), width a whole number of vectors.
+template <typename T, int DEPTH>
+inline void matmul_lanes(int64_t rows, int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb,
+                         T* lanes) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) lane_block<T, 2, DEPTH>(width, a + r * lda, lda, b, ldb, lanes + r * DEPTH * L);
+  for (; r < rows; ++r) lane_block<T, 1, DEPTH>(width, a + r * lda, lda, b, ldb, lanes + r * DEPTH * L);
 }
 
 }  // namespace fastnl
