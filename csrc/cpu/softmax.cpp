@@ -24,8 +24,9 @@ namespace fastnl {
 namespace {
 
 // rows x keys per tile; measured on B=16, N=1024, D=8, E=16 (benchmarks/test_cpp_bench.py)
-constexpr int64_t kQueryTile = 64;
+constexpr int64_t kForwardQueryTile = 64;
 constexpr int64_t kForwardKeyTile = 256;
+constexpr int64_t kBackwardQueryTile = 32;
 constexpr int64_t kBackwardKeyTile = 128;
 constexpr int64_t kMinWorkItems = 16;  // backward: groups per batch = ceil(16 / B)
 
@@ -70,19 +71,20 @@ T reduce_sum(const Vec<T>& lanes) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, lanes);
 }
 
-// Two independent chains: the row maxima are latency-, not throughput-bound.
+// Two independent chains: the row maxima are latency-, not throughput-bound. NaN
+// may be skipped here (clamp_min is a plain max): fast_exp carries it into the sums.
 template <typename T>
 T max_row(const T* row, int64_t width) {
   constexpr int64_t L = Vec<T>::size();
   Vec<T> even(-std::numeric_limits<T>::infinity()), odd = even;
   int64_t c = 0;
   for (; c + 2 * L <= width; c += 2 * L) {
-    even = at::vec::maximum(even, Vec<T>::loadu(row + c));
-    odd = at::vec::maximum(odd, Vec<T>::loadu(row + c + L));
+    even = at::vec::clamp_min(even, Vec<T>::loadu(row + c));
+    odd = at::vec::clamp_min(odd, Vec<T>::loadu(row + c + L));
   }
-  if (c < width) even = at::vec::maximum(even, Vec<T>::loadu(row + c));
-  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return at::vec::maximum(x, y); },
-                                    at::vec::maximum(even, odd));
+  if (c < width) even = at::vec::clamp_min(even, Vec<T>::loadu(row + c));
+  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return at::vec::clamp_min(x, y); },
+                                    at::vec::clamp_min(even, odd));
 }
 
 // Online softmax over one logit tile: new row maxima, the correction factors of what
@@ -112,15 +114,15 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
   const int64_t value_width = padded<T>(E);
   const int64_t tile_width = padded<T>(std::min(kForwardKeyTile, M));
-  const int64_t query_tiles = (N + kQueryTile - 1) / kQueryTile;
+  const int64_t query_tiles = (N + kForwardQueryTile - 1) / kForwardQueryTile;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scaled_query(kQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
-    std::vector<T> logits(kQueryTile * tile_width), acc(kQueryTile * value_width);
-    std::vector<T> row_max(kQueryTile), correction(kQueryTile), tile_max(kQueryTile);
-    std::vector<T> row_sums(kQueryTile * Vec<T>::size());
+    std::vector<T> scaled_query(kForwardQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
+    std::vector<T> logits(kForwardQueryTile * tile_width), acc(kForwardQueryTile * value_width);
+    std::vector<T> row_max(kForwardQueryTile), correction(kForwardQueryTile), tile_max(kForwardQueryTile);
+    std::vector<T> row_sums(kForwardQueryTile * Vec<T>::size());
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / query_tiles, q0 = (item % query_tiles) * kQueryTile;
-      const int64_t rows = std::min(kQueryTile, N - q0);
+      const int64_t b = item / query_tiles, q0 = (item % query_tiles) * kForwardQueryTile;
+      const int64_t rows = std::min(kForwardQueryTile, N - q0);
       const T* q = query + (b * N + q0) * D;
       for (int64_t i = 0; i < rows * D; ++i) scaled_query[i] = q[i] * scale;
       std::fill(acc.begin(), acc.end(), T(0));
@@ -151,8 +153,7 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
         const T row_sum = known_lse ? T(1) : reduce_sum(Vec<T>::loadu(row_sums.data() + r * Vec<T>::size()));
-        // a NaN logit makes its row max (or given statistic) NaN and, as in torch.softmax, its row NaN
-        const T inverse = std::isnan(known_lse ? known_lse[i] : row_max[r]) ? NAN : T(1) / row_sum;
+        const T inverse = T(1) / row_sum;
         for (int64_t e = 0; e < E; ++e)
           out[i * E + e] = acc[r * value_width + e] * inverse - (center ? center[i * E + e] : T(0));
         if (!known_lse) lse[i] = row_max[r] + std::log(row_sum);
@@ -168,11 +169,11 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
   const int64_t key_stride = padded<T>(M), depth_width = padded<T>(D);
   const int64_t tile_width = padded<T>(std::min(kBackwardKeyTile, M));
-  const int64_t query_tiles = (N + kQueryTile - 1) / kQueryTile;
+  const int64_t query_tiles = (N + kBackwardQueryTile - 1) / kBackwardQueryTile;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / s.batch);
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
   const int64_t groups = std::max<int64_t>(1, (query_tiles + tiles_per_group - 1) / tiles_per_group);
-  const int64_t group_rows = tiles_per_group * kQueryTile;
+  const int64_t group_rows = tiles_per_group * kBackwardQueryTile;
   // dQ += dS K: for D narrower than a vector, as lane-wise partial sums (matmul_lanes)
   constexpr bool kLaneGradQuery = DEPTH > 0 && DEPTH < Vec<T>::size();
   const int64_t grad_q_width = kLaneGradQuery ? D * Vec<T>::size() : depth_width;
@@ -182,7 +183,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
     std::vector<T> key_t(D * tile_width), value_t(E * tile_width), key_rows(tile_width * depth_width);
-    std::vector<T> probs(kQueryTile * tile_width), grad_logits(kQueryTile * tile_width);
+    std::vector<T> probs(kBackwardQueryTile * tile_width), grad_logits(kBackwardQueryTile * tile_width);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, r0 = (item % groups) * group_rows;
       const int64_t rows_in_group = std::min(group_rows, N - r0);
@@ -205,8 +206,8 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
         pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), width);
         pack_transposed(value + (b * M + k0) * E, keys, E, value_t.data(), width);
         if (!kLaneGradQuery) pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), depth_width);
-        for (int64_t q0 = 0; q0 < rows_in_group; q0 += kQueryTile) {
-          const int64_t rows = std::min(kQueryTile, rows_in_group - q0);
+        for (int64_t q0 = 0; q0 < rows_in_group; q0 += kBackwardQueryTile) {
+          const int64_t rows = std::min(kBackwardQueryTile, rows_in_group - q0);
           const T* query_tile = scaled_query.data() + q0 * D;
           const T* grad_out_tile = grad_out + (first + q0) * E;
           matmul_tile<T, DEPTH>(rows, width, D, query_tile, D, 1, key_t.data(), width, probs.data(), width,
@@ -217,11 +218,6 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           for (int64_t r = 0; r < rows; ++r) {
             T* p_row = probs.data() + r * width;
             T* ds_row = grad_logits.data() + r * width;
-            if (std::isnan(lse[first + q0 + r])) {  // a NaN row reaches every gradient, as in the definition
-              std::fill(p_row, p_row + width, NAN);
-              std::fill(ds_row, ds_row + width, NAN);
-              continue;
-            }
             const Vec<T> shift(lse[first + q0 + r]), row_delta(delta[q0 + r]);
             for (int64_t c = 0; c < width; c += Vec<T>::size()) {
               const Vec<T> p = fast_exp(Vec<T>::loadu(p_row + c) - shift);

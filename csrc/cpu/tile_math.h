@@ -29,18 +29,18 @@ inline int64_t padded(int64_t width) {
 
 // e^x for the shifted logits of the softmax kernels (x <= ~0), the hot spot of the
 // flash loops. float: the range reduction x = n ln2 + r and degree-5 polynomial of
-// PyTorch's exp_u20 (relative error ~1e-6), without its overflow and NaN handling,
-// which costs a third of its instructions. On AVX512 one scalef forms p 2^n exactly
-// (0 for x = -inf, NaN kept); elsewhere x is clamped at -87.3 so 2^n stays normal
-// (e^x below that is ~1e-38, not 0, and NaN is not carried: the kernels make rows
-// with a NaN statistic NaN themselves). double: the accurate exp.
+// PyTorch's exp_u20 (relative error ~1e-6), without its overflow handling, which
+// costs a third of its instructions. On AVX512 one scalef forms p 2^n exactly (0 for
+// x = -inf); elsewhere x is clamped at -87.3 so 2^n stays normal (e^x below that is
+// ~1e-38, not 0). NaN is carried through, so a NaN logit or statistic makes its row
+// NaN as in torch.softmax; the kernels rely on that. double: the accurate exp.
 template <typename T>
 inline Vec<T> fast_exp(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     const Vec<float> input = x;
 #else
-    const Vec<float> input = at::vec::clamp_min(x, Vec<float>(-87.3f));
+    const Vec<float> input = at::vec::maximum(x, Vec<float>(-87.3f));  // keeps NaN
 #endif
     const Vec<float> n = (input * Vec<float>(1.44269504f)).round();
     const Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693147181f), input);
