@@ -1,0 +1,241 @@
+"""The cpp backend against the reference, the torch backend and PyTorch's own fused
+attention (issue 3). One group per problem, one row per implementation:
+
+    pytest benchmarks/test_cpp_bench.py --benchmark-only
+
+After the timings a summary prints the ratios behind the issue's bars (cpp vs
+reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
+N = 16384) and how close the fused kernel comes to the machine's exp + FLOP bound.
+All float32, fastnl's default scale 1; SDPA is given the same scale.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+from time import perf_counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnl
+from fastnl.backends import cpp
+
+pytestmark = pytest.mark.skipif(cpp.is_available("cpu") is not None, reason="the cpp backend did not build")
+
+# The paper's sizes: CIFAR maps at the three PreResNet stages; the first is the bar.
+PAPER_SHAPES = [(16, 1024, 8, 16), (16, 256, 16, 32), (16, 64, 32, 64)]
+STAGE_BLOCKS = 4
+DOT_SHAPE = (1, 16384, 8, 16)
+MEDIANS = {}  # (group, implementation) -> median seconds
+
+
+def _shape_name(batch, positions, width, value_width):
+    return f"B{batch}-N{positions}-D{width}-E{value_width}"
+
+
+def _inputs(batch, positions, width, value_width):
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(batch, positions, size, generator=generator).requires_grad_()
+        for size in (width, width, value_width)
+    ]
+
+
+def _sdpa_aggregate(padded_query, padded_key, value):
+    """PyTorch's fused attention; its CPU flash kernel needs q/k as wide as v."""
+    return F.scaled_dot_product_attention(
+        padded_query.unsqueeze(1), padded_key.unsqueeze(1), value.unsqueeze(1), scale=1.0
+    ).squeeze(1)
+
+
+def _pad(query, key, value_width):
+    """Zero columns leave q.k unchanged."""
+    pad = value_width - query.shape[-1]
+    return F.pad(query, (0, pad)), F.pad(key, (0, pad))
+
+
+def _diffuse_step(implementation, query, key, value):
+    """One forward + backward of softmax diffuse (center = value)."""
+    grad = torch.ones_like(value)
+    if implementation == "sdpa":
+        def step():
+            padded_query, padded_key = _pad(query, key, value.shape[-1])
+            (_sdpa_aggregate(padded_query, padded_key, value) - value).backward(grad)
+    else:
+        def step():
+            fastnl.nonlocal_diffuse(query, key, value, backend=implementation).backward(grad)
+    return step
+
+
+def _record(benchmark, implementation):
+    if benchmark.stats is not None:
+        MEDIANS[(benchmark.group, implementation)] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("shape", PAPER_SHAPES, ids=lambda shape: _shape_name(*shape))
+@pytest.mark.parametrize("implementation", ["cpp", "sdpa", "torch", "reference"])
+def test_diffuse_forward_backward(benchmark, implementation, shape):
+    benchmark.group = f"diffuse softmax fwd+bwd {_shape_name(*shape)}"
+    step = _diffuse_step(implementation, *_inputs(*shape))
+    step()  # build / warm up outside the timing
+    benchmark.pedantic(step, rounds=9 if implementation != "reference" else 4, warmup_rounds=1)
+    _record(benchmark, implementation)
+
+
+def _stage_step(implementation, query, key, value):
+    """A NonlocalStage's pattern: STAGE_BLOCKS diffusions with one affinity, each on the
+    previous block's output (v <- v + diffuse(v)), then the backward through all."""
+    if implementation == "cpp":
+        def step():
+            values, log_normalizer = value, None
+            for _ in range(STAGE_BLOCKS):
+                # the first call returns the row statistics, the later ones reuse them
+                out, log_normalizer = fastnl.nonlocal_attend(
+                    query, key, values, values, backend="cpp", log_normalizer=log_normalizer
+                )
+                values = values + out
+            values.backward(torch.ones_like(values))
+    else:
+        def step():
+            padded_query, padded_key = _pad(query, key, value.shape[-1])
+            values = value
+            for _ in range(STAGE_BLOCKS):
+                values = values + (_sdpa_aggregate(padded_query, padded_key, values) - values)
+            values.backward(torch.ones_like(values))
+    return step
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "sdpa"])
+def test_stage_chain(benchmark, implementation):
+    benchmark.group = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
+    step = _stage_step(implementation, *_inputs(*PAPER_SHAPES[0]))
+    step()
+    benchmark.pedantic(step, rounds=7, warmup_rounds=1)
+    _record(benchmark, implementation)
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "reference"])
+def test_dot_forward_backward(benchmark, implementation):
+    benchmark.group = f"diffuse dot fwd+bwd {_shape_name(*DOT_SHAPE)}"
+    query, key, value = _inputs(*DOT_SHAPE)
+
+    def step():
+        out = fastnl.nonlocal_diffuse(query, key, value, kernel="dot", backend=implementation)
+        out.backward(torch.ones_like(out))
+
+    step()
+    benchmark.pedantic(step, rounds=9 if implementation == "cpp" else 2, warmup_rounds=0)
+    _record(benchmark, implementation)
+
+
+# Peak memory in a fresh process: warm up on a tiny problem (library loads, thread
+# pools), reset the resident-set high-water mark (Linux clear_refs "5"), run one
+# forward + backward, and report the high-water mark's growth over the resident set.
+_MEMORY_PROBE = textwrap.dedent("""
+    import json, sys, torch, fastnl
+    backend, batch, positions, width, value_width = sys.argv[1], *map(int, sys.argv[2:])
+    def step(b, n):
+        q, k = (torch.randn(b, n, width, requires_grad=True) for _ in range(2))
+        v = torch.randn(b, n, value_width, requires_grad=True)
+        fastnl.nonlocal_diffuse(q, k, v, backend=backend).sum().backward()
+    step(2, 64)
+    inputs = [torch.randn(batch, positions, w, requires_grad=True) for w in (width, width, value_width)]
+    def status(field):
+        with open("/proc/self/status") as lines:
+            return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field))
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    fastnl.nonlocal_diffuse(*inputs, backend=backend).sum().backward()
+    print(json.dumps(status("VmHWM:") - before))
+""")
+
+
+def _peak_extra_bytes(backend, shape):
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, backend, *map(str, shape)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "reference"])
+def test_peak_memory(benchmark, implementation):
+    """Timed as a whole subprocess; the number that matters is extra_info's peak."""
+    benchmark.group = f"peak extra memory, diffuse fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
+    peak = benchmark.pedantic(_peak_extra_bytes, args=(implementation, PAPER_SHAPES[0]), rounds=1)
+    benchmark.extra_info["peak_extra_MiB"] = round(peak / 2**20, 2)
+    MEDIANS[("peak bytes", implementation)] = peak
+
+
+def test_machine_throughput(benchmark):
+    """exp/s (torch.exp, vectorised) and sgemm FLOP/s of this machine, for the bound."""
+    benchmark.group = "machine: exp and sgemm throughput"
+    values, exps = torch.randn(1 << 22), torch.empty(1 << 22)
+    left, right, product = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+
+    def step():
+        torch.exp(values, out=exps)
+        torch.mm(left, right, out=product)
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    exp_seconds = min(_time(lambda: torch.exp(values, out=exps)) for _ in range(5))
+    gemm_seconds = min(_time(lambda: torch.mm(left, right, out=product)) for _ in range(5))
+    MEDIANS[("machine", "exp/s")] = values.numel() / exp_seconds
+    MEDIANS[("machine", "flop/s")] = 2 * 1024**3 / gemm_seconds
+    benchmark.extra_info.update(gexp_per_s=round(MEDIANS[("machine", "exp/s")] / 1e9, 2),
+                                gflop_per_s=round(MEDIANS[("machine", "flop/s")] / 1e9, 1))
+
+
+def _time(function):
+    start = perf_counter()
+    function()
+    return perf_counter() - start
+
+
+def _ratio(group, slower, faster):
+    if (group, slower) in MEDIANS and (group, faster) in MEDIANS:
+        return MEDIANS[(group, slower)] / MEDIANS[(group, faster)]
+    return None
+
+
+def _summary_lines():
+    batch, positions, width, value_width = PAPER_SHAPES[0]
+    main = f"diffuse softmax fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
+    stage = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
+    dot = f"diffuse dot fwd+bwd {_shape_name(*DOT_SHAPE)}"
+    bars = [
+        ("cpp vs reference, diffuse fwd+bwd", _ratio(main, "reference", "cpp"), 4.0),
+        ("cpp vs SDPA + subtraction", _ratio(main, "sdpa", "cpp"), 1.5),
+        (f"stage chain of {STAGE_BLOCKS}: cpp vs SDPA", _ratio(stage, "sdpa", "cpp"), 1.4),
+        ("dot at N=16384: cpp vs reference", _ratio(dot, "reference", "cpp"), 50.0),
+    ]
+    lines = [f"{'bar':<42}{'speed-up':>10}{'needed':>8}"]
+    lines += [f"{name:<42}{ratio:>10.2f}{need:>8.1f}" for name, ratio, need in bars if ratio is not None]
+    peaks = MEDIANS.get(("peak bytes", "cpp")), MEDIANS.get(("peak bytes", "reference"))
+    if None not in peaks:
+        lines.append(f"peak extra memory: cpp {peaks[0] / 2**20:.1f} MiB, reference {peaks[1] / 2**20:.1f} MiB "
+                     f"= {100 * peaks[0] / peaks[1]:.1f}% (needed <= 5%)")
+    if ("machine", "exp/s") in MEDIANS and (main, "cpp") in MEDIANS:
+        pairs = batch * positions * positions
+        exps = 2 * pairs  # forward, and the backward's recomputed tiles
+        # per pair: forward q.k (D) and p v (E); backward q.k, dp (E), dV (E), dK (D), dQ (D)
+        flops = 2 * pairs * (4 * width + 3 * value_width)
+        exp_seconds = exps / MEDIANS[("machine", "exp/s")]
+        flop_seconds = flops / MEDIANS[("machine", "flop/s")]
+        measured = MEDIANS[(main, "cpp")]
+        lines.append(f"bound for cpp fwd+bwd: {exps / 1e6:.0f}M exp at {MEDIANS[('machine', 'exp/s')] / 1e9:.2f} G/s "
+                     f"= {exp_seconds * 1e3:.2f} ms + {flops / 1e9:.2f} GFLOP at "
+                     f"{MEDIANS[('machine', 'flop/s')] / 1e9:.0f} GFLOP/s = {flop_seconds * 1e3:.2f} ms; "
+                     f"measured {measured * 1e3:.2f} ms = {(exp_seconds + flop_seconds) / measured:.0%} of the bound")
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and MEDIANS:
+        reporter.write_line("")
+        reporter.write_line("fastnl cpp backend: the issue's bars (medians from the groups above)")
+        for line in _summary_lines():
+            reporter.write_line("  " + line)
