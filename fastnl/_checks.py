@@ -52,3 +52,15 @@ def check_operands(query, key, value, center, kernel, scale, *, need_square):
         raise ValueError(
             f"diffuse without center needs M == N (center defaults to value), got N={num_queries}, M={num_keys}"
         )
+
+
+def check_log_normalizer(log_normalizer, query):
+    """The cached row statistics must belong to this query: (B, N), float, same device."""
+    if not isinstance(log_normalizer, torch.Tensor) or not log_normalizer.is_floating_point():
+        raise TypeError("log_normalizer must be a floating tensor (the lse returned by nonlocal_attend)")
+    if log_normalizer.shape != query.shape[:2]:
+        raise ValueError(
+            f"log_normalizer must have shape (B, N) = {tuple(query.shape[:2])}, got {tuple(log_normalizer.shape)}"
+        )
+    if log_normalizer.device != query.device:
+        raise ValueError(f"log_normalizer is on {log_normalizer.device}, query on {query.device}")

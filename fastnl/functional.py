@@ -1,6 +1,6 @@
 """The public functional API: nonlocal_aggregate, nonlocal_diffuse, nonlocal_attend."""
 from fastnl import backends, ops, reference
-from fastnl._checks import check_operands
+from fastnl._checks import check_log_normalizer, check_operands
 
 
 def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None,
@@ -15,6 +15,13 @@ def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1
     a differentiable output; gradients of query and key are exact either way.
     """
     check_operands(query, key, value, center, kernel, scale, need_square=False)
+    if log_normalizer is not None:
+        check_log_normalizer(log_normalizer, query)
+    return _attend(query, key, value, center, kernel, scale, backend, log_normalizer)
+
+
+def _attend(query, key, value, center, kernel, scale, backend, log_normalizer=None):
+    """nonlocal_attend on checked operands."""
     if backend == "reference":
         if center is None:
             return reference.aggregate(query, key, value, kernel=kernel, scale=scale), None
@@ -24,9 +31,6 @@ def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1
     if kernel == "softmax":
         if log_normalizer is None:
             return ops.softmax_forward(query, key, value, center, scale, backend)
-        if log_normalizer.shape != query.shape[:2]:
-            raise ValueError(f"log_normalizer must have shape (B, N) = {tuple(query.shape[:2])}, "
-                             f"got {tuple(log_normalizer.shape)}")
         out = ops.softmax_forward_with_stats(query, key, value, center, log_normalizer, scale, backend)
         return out, log_normalizer
     forward = ops.dot_forward if kernel == "dot" else ops.concat_forward
@@ -43,7 +47,7 @@ def nonlocal_aggregate(query, key, value, *, kernel="softmax", scale=1.0, backen
     the N x M matrix; "torch" is memory-light plain PyTorch (see fastnl.backends).
     """
     check_operands(query, key, value, None, kernel, scale, need_square=False)
-    return nonlocal_attend(query, key, value, kernel=kernel, scale=scale, backend=backend)[0]
+    return _attend(query, key, value, None, kernel, scale, backend)[0]
 
 
 def nonlocal_diffuse(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None):
@@ -56,4 +60,4 @@ def nonlocal_diffuse(query, key, value, center=None, *, kernel="softmax", scale=
     check_operands(query, key, value, center, kernel, scale, need_square=True)
     if center is None:
         center = value
-    return nonlocal_attend(query, key, value, center, kernel=kernel, scale=scale, backend=backend)[0]
+    return _attend(query, key, value, center, kernel, scale, backend)[0]

@@ -90,9 +90,9 @@ def _backward_softmax(ctx, grad_out, grad_log_normalizer):
     return *_softmax_grads(ctx, grad_out, out, log_normalizer), None, None
 
 
-def _setup_softmax_with_stats(ctx, inputs, out):
+def _setup_softmax_with_stats(ctx, inputs, output):
     query, key, value, center, log_normalizer, scale, backend = inputs
-    ctx.save_for_backward(query, key, value, center, out, log_normalizer)
+    ctx.save_for_backward(query, key, value, center, output, log_normalizer)
     ctx.scale, ctx.backend = scale, backend
 
 

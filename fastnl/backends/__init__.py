@@ -27,7 +27,10 @@ contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or
 The center's gradient is -grad_out (softmax) or -row_weight * grad_out (dot, concat);
 `fastnl.ops` forms it, so backward functions return only the three above.
 """
+import functools
 import importlib
+
+import torch
 
 # name -> module, in order of preference for backend=None on each device type
 _MODULES = {
@@ -49,8 +52,9 @@ def _load(name):
     return importlib.import_module(_MODULES[name])
 
 
+@functools.cache
 def unavailable_reason(name, device_type):
-    """None if backend `name` can run on `device_type`, else why not."""
+    """None if backend `name` can run on `device_type`, else why not (asked once per process)."""
     try:
         module = _load(name)
     except Exception as error:  # a backend that fails to import is unavailable, not fatal
@@ -58,6 +62,7 @@ def unavailable_reason(name, device_type):
     return module.is_available(device_type)
 
 
+@torch.compiler.assume_constant_result  # decided while tracing; no graph break
 def resolve(name, device_type):
     """The backend name to use: `name` checked, or the preferred one when None."""
     if name is None:

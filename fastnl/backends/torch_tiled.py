@@ -80,6 +80,7 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
 
 def dot_forward(query, key, value, center, scale):
     acc = accumulate_dtype(query.dtype)
+    dtype = query.dtype
     query, key, value = query.to(acc), key.to(acc), value.to(acc)
     factor = scale / key.shape[1]
     key_value = key.transpose(1, 2) @ value  # (B, D, E): sum_j k_j v_j^T
@@ -87,7 +88,7 @@ def dot_forward(query, key, value, center, scale):
     row_weight = factor * (query @ key.sum(dim=1).unsqueeze(-1)).squeeze(-1)
     if center is not None:
         out.sub_(row_weight.unsqueeze(-1) * center.to(acc))
-    return out.to(value.dtype), row_weight
+    return out.to(dtype), row_weight
 
 
 def dot_backward(grad_out, query, key, value, center, scale):
@@ -124,9 +125,11 @@ def _sorted_suffix_sums(thresholds, sort_by, columns):
     columns = columns.gather(1, order.unsqueeze(-1).expand_as(columns))
     columns = torch.cat([columns, sorted_keys.unsqueeze(-1) * columns], dim=-1)
     first_active = torch.searchsorted(sorted_keys, (-thresholds).contiguous(), right=True)
-    sums = _suffix_sums(columns).gather(
-        1, first_active.unsqueeze(-1).expand(-1, -1, columns.shape[-1])
-    )
+    suffix = _suffix_sums(columns)
+    sums = suffix.gather(1, first_active.unsqueeze(-1).expand(-1, -1, columns.shape[-1]))
+    # a NaN key or value reaches every row in the materialised form (relu(NaN), 0 * NaN);
+    # the suffix a row gathers may miss it, so add 0 * the column totals
+    sums = sums + 0 * suffix[:, :1]
     plain, weighted = sums.chunk(2, dim=-1)
     return plain, weighted
 

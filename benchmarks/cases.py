@@ -1,0 +1,80 @@
+"""The benchmark problems and implementations, shared by the suites and the memory probe.
+
+Run as a script it measures one case's peak extra memory in a fresh process:
+    python benchmarks/cases.py IMPLEMENTATION SIZE_INDEX {forward,backward}
+and prints the growth of the resident-set high-water mark in bytes.
+"""
+import resource
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fastnl
+from fastnl import backends
+
+# The paper's sizes: CIFAR maps at the three PreResNet stages, B = 16
+SIZES = [
+    dict(batch=16, positions=1024, width=8, value_width=16),
+    dict(batch=16, positions=256, width=16, value_width=32),
+    dict(batch=16, positions=64, width=32, value_width=64),
+]
+
+
+def size_name(size):
+    return f"B{size['batch']}-N{size['positions']}-D{size['width']}-E{size['value_width']}"
+
+
+def make_inputs(size, requires_grad, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [
+        (size["batch"], size["positions"], size["width"]),
+        (size["batch"], size["positions"], size["width"]),
+        (size["batch"], size["positions"], size["value_width"]),
+    ]
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(requires_grad) for shape in shapes]
+
+
+def sdpa_diffuse(query, key, value):
+    """The peer: PyTorch's fused attention (its CPU flash kernel needs equal widths, so
+    q/k are zero-padded to E, which leaves q.k unchanged), then the subtraction."""
+    pad = value.shape[-1] - query.shape[-1]
+    query, key = F.pad(query, (0, pad)), F.pad(key, (0, pad))
+    out = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=1.0)
+    return out.squeeze(1) - value
+
+
+def backend_diffuse(backend):
+    return lambda query, key, value: fastnl.nonlocal_diffuse(query, key, value, backend=backend)
+
+
+def cpu_backends():
+    return [name for name in backends.names() if backends.unavailable_reason(name, "cpu") is None]
+
+
+IMPLEMENTATIONS = {
+    "reference": backend_diffuse("reference"),
+    **{name: backend_diffuse(name) for name in cpu_backends()},
+    "sdpa": sdpa_diffuse,
+}
+
+
+def run_step(function, inputs, backward):
+    out = function(*inputs)
+    if backward:
+        out.backward(torch.ones_like(out))
+    return out
+
+
+def _peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    name, size_index, direction = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)  # the same few allocations whatever the thread count
+    inputs = make_inputs(SIZES[size_index], requires_grad=direction == "backward")
+    run_step(IMPLEMENTATIONS[name], make_inputs(SIZES[2], direction == "backward"), direction == "backward")
+    before = _peak_rss_bytes()
+    run_step(IMPLEMENTATIONS[name], inputs, direction == "backward")
+    print(_peak_rss_bytes() - before)

@@ -1,0 +1,208 @@
+"""Drop-in nonlocal modules: Wang et al.'s block and Tao et al.'s stage.
+
+Modules hold convolutions, BatchNorm and reshapes; the arithmetic is
+`fastnl.nonlocal_attend`. Choices and where they come from:
+
+- Embeddings theta, phi, g are 1x1 convolutions C -> C' (C' = C // 2 by default, at
+  least 1), with bias, as in AlexHex7/Non-local_pytorch.
+- `sub_sample` max-pools phi and g *after* their 1x1 convolutions (AlexHex7, mmcv), with
+  a 2 window in 1D, 2x2 in 2D and 1x2x2 in 3D (time not pooled, as in AlexHex7); the
+  normalisation of dot_product and concatenation divides by the pooled M.
+- `gaussian` uses x itself for theta and phi (no embedding, D = C);
+  `embedded_gaussian` and `dot_product` use the 1x1 embeddings (D = C');
+  `concatenation` projects [theta_i, phi_j] to one number with ReLU (AlexHex7's
+  `concat_project`, no bias), computed exactly as relu(w_a.theta_i + w_b.phi_j), D = 1.
+- `use_scale` divides the softmax logits by sqrt(D) (mmcv's use_scale); it does not
+  apply to dot_product or concatenation, already divided by M.
+- `bn_layer=True`: W_z is a 1x1 convolution C' -> C followed by BatchNorm whose weight
+  and bias start at zero; `bn_layer=False`: W_z alone, initialised to zero. Either
+  way a new block is the identity (Wang et al., Sec. 4.1).
+"""
+import math
+
+import torch
+from torch import nn
+
+from fastnl.functional import nonlocal_attend
+
+MODES = {
+    "gaussian": "softmax",
+    "embedded_gaussian": "softmax",
+    "dot_product": "dot",
+    "concatenation": "concat",
+}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: lambda: nn.MaxPool1d(2), 2: lambda: nn.MaxPool2d(2), 3: lambda: nn.MaxPool3d((1, 2, 2))}
+
+
+def _positions(x):
+    """(B, C, *spatial) -> (B, N, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _check_options(in_channels, inter_channels, mode, dimension):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    if dimension not in _CONV:
+        raise ValueError(f"dimension must be 1, 2 or 3, got {dimension!r}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be positive, got {in_channels}")
+    if inter_channels is None:
+        inter_channels = max(in_channels // 2, 1)
+    if inter_channels < 1:
+        raise ValueError(f"inter_channels must be positive, got {inter_channels}")
+    return inter_channels
+
+
+class Affinity(nn.Module):
+    """theta and phi of one mode: x (B, C, *S) -> query (B, N, D), key (B, M, D)."""
+
+    def __init__(self, in_channels, inter_channels, mode, sub_sample, dimension, use_scale):
+        super().__init__()
+        conv = _CONV[dimension]
+        self.kernel = MODES[mode]
+        if mode == "gaussian":
+            self.theta, self.phi = nn.Identity(), nn.Identity()
+            width = in_channels
+        else:
+            self.theta = conv(in_channels, inter_channels, kernel_size=1)
+            self.phi = conv(in_channels, inter_channels, kernel_size=1)
+            width = inter_channels
+        if sub_sample:
+            self.phi = nn.Sequential(self.phi, _POOL[dimension]())
+        if mode == "concatenation":
+            # concat_project's weight split in its theta and phi halves
+            self.project_query = conv(inter_channels, 1, kernel_size=1, bias=False)
+            self.project_key = conv(inter_channels, 1, kernel_size=1, bias=False)
+        self.scale = 1.0 / math.sqrt(width) if use_scale and self.kernel == "softmax" else 1.0
+
+    def forward(self, x):
+        theta, phi = self.theta(x), self.phi(x)
+        if self.kernel == "concat":
+            theta, phi = self.project_query(theta), self.project_key(phi)
+        return _positions(theta), _positions(phi)
+
+
+class ValueBranch(nn.Module):
+    """g (C -> C') and W_z (C' -> C, then BatchNorm): one block's own weights."""
+
+    def __init__(self, in_channels, inter_channels, sub_sample, bn_layer, dimension):
+        super().__init__()
+        conv = _CONV[dimension]
+        self.g = conv(in_channels, inter_channels, kernel_size=1)
+        self.pool = _POOL[dimension]() if sub_sample else None
+        self.W_z = conv(inter_channels, in_channels, kernel_size=1)
+        if bn_layer:
+            self.bn = _BATCH_NORM[dimension](in_channels)
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+        else:
+            self.bn = None
+            nn.init.zeros_(self.W_z.weight)
+            nn.init.zeros_(self.W_z.bias)
+
+    def values(self, z):
+        """(value (B, M, C') at the pooled positions, center (B, N, C') at all positions)."""
+        g = self.g(z)
+        center = _positions(g)
+        return (_positions(self.pool(g)) if self.pool is not None else center), center
+
+    def project(self, y, like):
+        """(B, N, C') -> W_z y with the spatial shape of `like`."""
+        y = y.transpose(1, 2).reshape(like.shape[0], -1, *like.shape[2:])
+        y = self.W_z(y)
+        return self.bn(y) if self.bn is not None else y
+
+    def weight_product(self):
+        """W_z W_g (C, C) with BatchNorm folded into W_z (its scale; biases dropped)."""
+        w_z = self.W_z.weight.flatten(1)
+        if self.bn is not None:
+            w_z = (self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)).unsqueeze(1) * w_z
+        return w_z @ self.g.weight.flatten(1)
+
+
+class _Nonlocal(nn.Module):
+    def __init__(self, in_channels, inter_channels, mode, sub_sample, bn_layer, dimension, use_scale,
+                 backend, num_branches):
+        super().__init__()
+        inter_channels = _check_options(in_channels, inter_channels, mode, dimension)
+        self.in_channels, self.inter_channels = in_channels, inter_channels
+        self.mode, self.sub_sample, self.dimension, self.backend = mode, sub_sample, dimension, backend
+        self.affinity = Affinity(in_channels, inter_channels, mode, sub_sample, dimension, use_scale)
+        self.branches = nn.ModuleList(
+            ValueBranch(in_channels, inter_channels, sub_sample, bn_layer, dimension)
+            for _ in range(num_branches)
+        )
+
+    def _check_input(self, x):
+        if x.dim() != self.dimension + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects (B, {self.in_channels}, "
+                f"{', '.join('*' * self.dimension)}) input, got shape {tuple(x.shape)}"
+            )
+
+    def _attend(self, query, key, value, center=None, log_normalizer=None):
+        return nonlocal_attend(query, key, value, center, kernel=self.affinity.kernel,
+                               scale=self.affinity.scale, backend=self.backend,
+                               log_normalizer=log_normalizer)
+
+    def weight_products(self):
+        """[W_z W_g] per block, each (C, C), BatchNorm folded in (for spectrum analysis)."""
+        return [branch.weight_product() for branch in self.branches]
+
+    def extra_repr(self):
+        return (f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, "
+                f"mode={self.mode!r}, sub_sample={self.sub_sample}, dimension={self.dimension}")
+
+
+class NonlocalBlock(_Nonlocal):
+    """Wang et al.'s nonlocal block: z = x + W_z(aggregate(theta(x), phi(x), g(x))).
+
+    x (B, C, *S) with len(S) == dimension -> z of the same shape. A new block is the
+    identity (zero-initialised BatchNorm scale). See the module docstring for the
+    choices shared with AlexHex7/Non-local_pytorch and mmcv.
+    """
+
+    def __init__(self, in_channels, inter_channels=None, mode="embedded_gaussian", sub_sample=False,
+                 bn_layer=True, dimension=2, use_scale=False, backend=None):
+        super().__init__(in_channels, inter_channels, mode, sub_sample, bn_layer, dimension, use_scale,
+                         backend, num_branches=1)
+
+    def forward(self, x):
+        self._check_input(x)
+        query, key = self.affinity(x)
+        branch = self.branches[0]
+        value, _ = branch.values(x)
+        y, _ = self._attend(query, key, value)
+        return x + branch.project(y, x)
+
+
+class NonlocalStage(_Nonlocal):
+    """Tao et al.'s nonlocal stage: `num_blocks` diffusion blocks sharing one affinity.
+
+        Z^{n+1}_i = Z^n_i + W^n( (1 / C_i(X)) sum_j w(X_i, X_j) (g^n(Z^n)_j - g^n(Z^n)_i) )
+
+    The affinity comes from the stage input X = Z^0 only: theta(X), phi(X) are
+    computed once, and for the softmax modes the first block's row log-sum-exp is
+    passed to every later block (a single pass each, no statistics recomputed). With
+    `sub_sample`, j runs over the pooled positions and the center g^n(Z^n)_i over all.
+    """
+
+    def __init__(self, in_channels, num_blocks=2, inter_channels=None, mode="embedded_gaussian",
+                 sub_sample=False, bn_layer=True, dimension=2, use_scale=False, backend=None):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        super().__init__(in_channels, inter_channels, mode, sub_sample, bn_layer, dimension, use_scale,
+                         backend, num_branches=num_blocks)
+        self.num_blocks = num_blocks
+
+    def forward(self, x):
+        self._check_input(x)
+        query, key = self.affinity(x)
+        z, log_normalizer = x, None
+        for branch in self.branches:
+            value, center = branch.values(z)
+            y, log_normalizer = self._attend(query, key, value, center, log_normalizer)
+            z = z + branch.project(y, z)
+        return z

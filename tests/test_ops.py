@@ -1,0 +1,72 @@
+"""The custom-op contract: opcheck, torch.compile without graph breaks, stage statistics."""
+import pytest
+import torch
+
+import fastnl
+from fastnl import ops
+from conftest import cpu_backends
+
+
+def sample(kernel, dtype=torch.float64, requires_grad=True, square=False):
+    width = 1 if kernel == "concat" else 8
+    num_keys = 13 if square else 21
+    tensors = (
+        torch.randn(2, 13, width, dtype=dtype),
+        torch.randn(2, num_keys, width, dtype=dtype),
+        torch.randn(2, num_keys, 5, dtype=dtype),
+        torch.randn(2, 13, 5, dtype=dtype),
+    )
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("with_center", [False, True])
+def test_opcheck_forward_ops(backend, with_center):
+    for kernel, op in [("softmax", ops.softmax_forward), ("dot", ops.dot_forward), ("concat", ops.concat_forward)]:
+        query, key, value, center = sample(kernel)
+        torch.library.opcheck(op, (query, key, value, center if with_center else None, 0.5, backend))
+    query, key, value, center = sample("softmax")
+    _, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
+    torch.library.opcheck(ops.softmax_forward_with_stats,
+                          (query, key, value, center if with_center else None, lse.detach(), 0.5, backend))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck_backward_ops(backend):
+    query, key, value, center = sample("softmax", requires_grad=False)
+    out, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, lse, 0.5, backend))
+    for kernel, op in [("dot", ops.dot_backward), ("concat", ops.concat_backward)]:
+        query, key, value, center = sample(kernel, requires_grad=False)
+        torch.library.opcheck(op, (grad, query, key, value, center, 0.5, backend))
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
+def test_compile_fullgraph_has_no_graph_break(mode):
+    """A stage under torch.compile(fullgraph=True): forward and backward match eager."""
+    torch._dynamo.reset()
+    stage = fastnl.NonlocalStage(8, num_blocks=2, mode=mode, sub_sample=True).double()
+    for branch in stage.branches:  # make the blocks non-trivial
+        torch.nn.init.normal_(branch.bn.weight)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    eager_out = stage(x)
+    (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), x)
+    compiled_out = torch.compile(stage, fullgraph=True, backend="aot_eager")(x)
+    (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), x)
+    torch.testing.assert_close(compiled_out, eager_out)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_compile_with_inductor():
+    torch._dynamo.reset()
+    block = fastnl.NonlocalBlock(8, mode="embedded_gaussian")
+    torch.nn.init.normal_(block.branches[0].bn.weight)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x))
+
+
+def test_statistics_output_is_not_differentiable():
+    query, key, value, center = sample("softmax")
+    _, lse = fastnl.nonlocal_attend(query, key, value, center, backend="torch")
+    assert not lse.requires_grad
