@@ -20,8 +20,9 @@ namespace {
 
 // For each threshold t_i, the sums over the rows r with sort_by[r] > -t_i of
 // columns[r] (plain, (n, F)) and of sort_by[r] columns[r] (weighted, (n, F)).
-// A NaN in sort_by sorts last and counts as active for every row, so it reaches
-// every output as it does in the materialised definition.
+// NaN propagates as in the materialised definition: a NaN in sort_by sorts last and
+// counts as active for every row, and a NaN (or infinity) in a column reaches every
+// row's plain sums through 0 * (the sum of all rows), as 0 * NaN does in P @ V.
 template <typename T>
 void sorted_suffix_sums(const T* thresholds, int64_t n, const T* sort_by, int64_t m, const T* columns, int64_t F,
                         T* plain, T* weighted) {
@@ -48,7 +49,7 @@ void sorted_suffix_sums(const T* thresholds, int64_t n, const T* sort_by, int64_
       return !(std::isnan(sort_by[r]) || sort_by[r] > bound);
     });
     const T* row = suffix.data() + (first_active - order.begin()) * 2 * F;
-    std::copy(row, row + F, plain + i * F);
+    for (int64_t f = 0; f < F; ++f) plain[i * F + f] = row[f] + T(0) * suffix[f];
     std::copy(row + F, row + 2 * F, weighted + i * F);
   }
 }

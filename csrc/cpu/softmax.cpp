@@ -170,7 +170,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   const int64_t key_stride = padded<T>(M), depth_width = padded<T>(D);
   const int64_t tile_width = padded<T>(std::min(kBackwardKeyTile, M));
   const int64_t query_tiles = (N + kBackwardQueryTile - 1) / kBackwardQueryTile;
-  const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / s.batch);
+  const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / std::max<int64_t>(1, s.batch));
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
   const int64_t groups = std::max<int64_t>(1, (query_tiles + tiles_per_group - 1) / tiles_per_group);
   const int64_t group_rows = tiles_per_group * kBackwardQueryTile;
