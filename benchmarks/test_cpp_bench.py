@@ -3,6 +3,11 @@ attention (issue 3). One group per problem, one row per implementation:
 
     pytest benchmarks/test_cpp_bench.py --benchmark-only
 
+The problems and the SDPA peer come from cases.py; test_diffuse_bench.py times every
+backend, cpp included, at all three paper sizes. This file adds what is particular
+to the cpp kernels: a stage's chain sharing statistics, the dot kernel at N = 16384,
+peak memory by the kernel's high-water mark, and the machine's exp and sgemm rates.
+
 After the timings a summary prints the ratios behind the issue's bars (cpp vs
 reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
 N = 16384) and how close the fused kernel comes to the machine's exp + FLOP bound.
@@ -16,56 +21,19 @@ from time import perf_counter
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastnl
+from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, sdpa_diffuse, size_name
 from fastnl.backends import cpp
 
 pytestmark = pytest.mark.skipif(cpp.is_available("cpu") is not None, reason="the cpp backend did not build")
 
-# The paper's sizes: CIFAR maps at the three PreResNet stages; the first is the bar.
-PAPER_SHAPES = [(16, 1024, 8, 16), (16, 256, 16, 32), (16, 64, 32, 64)]
+# The bar's problem is the paper's first size (B16, N1024, D8, E16); benchmarks/
+# test_diffuse_bench.py times every backend at all three sizes.
+BAR_SIZE = SIZES[0]
 STAGE_BLOCKS = 4
-DOT_SHAPE = (1, 16384, 8, 16)
-MEDIANS = {}  # (group, implementation) -> median seconds
-
-
-def _shape_name(batch, positions, width, value_width):
-    return f"B{batch}-N{positions}-D{width}-E{value_width}"
-
-
-def _inputs(batch, positions, width, value_width):
-    generator = torch.Generator().manual_seed(0)
-    return [
-        torch.randn(batch, positions, size, generator=generator).requires_grad_()
-        for size in (width, width, value_width)
-    ]
-
-
-def _sdpa_aggregate(padded_query, padded_key, value):
-    """PyTorch's fused attention; its CPU flash kernel needs q/k as wide as v."""
-    return F.scaled_dot_product_attention(
-        padded_query.unsqueeze(1), padded_key.unsqueeze(1), value.unsqueeze(1), scale=1.0
-    ).squeeze(1)
-
-
-def _pad(query, key, value_width):
-    """Zero columns leave q.k unchanged."""
-    pad = value_width - query.shape[-1]
-    return F.pad(query, (0, pad)), F.pad(key, (0, pad))
-
-
-def _diffuse_step(implementation, query, key, value):
-    """One forward + backward of softmax diffuse (center = value)."""
-    grad = torch.ones_like(value)
-    if implementation == "sdpa":
-        def step():
-            padded_query, padded_key = _pad(query, key, value.shape[-1])
-            (_sdpa_aggregate(padded_query, padded_key, value) - value).backward(grad)
-    else:
-        def step():
-            fastnl.nonlocal_diffuse(query, key, value, backend=implementation).backward(grad)
-    return step
+DOT_SIZE = dict(batch=1, positions=16384, width=8, value_width=16)
+MEDIANS = {}  # (group, implementation) -> median seconds; ("peak bytes", implementation) -> bytes
 
 
 def _record(benchmark, implementation):
@@ -73,13 +41,13 @@ def _record(benchmark, implementation):
         MEDIANS[(benchmark.group, implementation)] = benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("shape", PAPER_SHAPES, ids=lambda shape: _shape_name(*shape))
 @pytest.mark.parametrize("implementation", ["cpp", "sdpa", "torch", "reference"])
-def test_diffuse_forward_backward(benchmark, implementation, shape):
-    benchmark.group = f"diffuse softmax fwd+bwd {_shape_name(*shape)}"
-    step = _diffuse_step(implementation, *_inputs(*shape))
-    step()  # build / warm up outside the timing
-    benchmark.pedantic(step, rounds=9 if implementation != "reference" else 4, warmup_rounds=1)
+def test_diffuse_forward_backward(benchmark, implementation):
+    benchmark.group = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"
+    inputs = make_inputs(BAR_SIZE, requires_grad=True)
+    run_step(IMPLEMENTATIONS[implementation], inputs, True)  # build / warm up outside the timing
+    benchmark.pedantic(run_step, args=(IMPLEMENTATIONS[implementation], inputs, True),
+                       rounds=9 if implementation != "reference" else 4, warmup_rounds=1)
     _record(benchmark, implementation)
 
 
@@ -98,18 +66,17 @@ def _stage_step(implementation, query, key, value):
             values.backward(torch.ones_like(values))
     else:
         def step():
-            padded_query, padded_key = _pad(query, key, value.shape[-1])
             values = value
             for _ in range(STAGE_BLOCKS):
-                values = values + (_sdpa_aggregate(padded_query, padded_key, values) - values)
+                values = values + sdpa_diffuse(query, key, values)
             values.backward(torch.ones_like(values))
     return step
 
 
 @pytest.mark.parametrize("implementation", ["cpp", "sdpa"])
 def test_stage_chain(benchmark, implementation):
-    benchmark.group = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
-    step = _stage_step(implementation, *_inputs(*PAPER_SHAPES[0]))
+    benchmark.group = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {size_name(BAR_SIZE)}"
+    step = _stage_step(implementation, *make_inputs(BAR_SIZE, requires_grad=True))
     step()
     benchmark.pedantic(step, rounds=7, warmup_rounds=1)
     _record(benchmark, implementation)
@@ -117,8 +84,8 @@ def test_stage_chain(benchmark, implementation):
 
 @pytest.mark.parametrize("implementation", ["cpp", "reference"])
 def test_dot_forward_backward(benchmark, implementation):
-    benchmark.group = f"diffuse dot fwd+bwd {_shape_name(*DOT_SHAPE)}"
-    query, key, value = _inputs(*DOT_SHAPE)
+    benchmark.group = f"diffuse dot fwd+bwd {size_name(DOT_SIZE)}"
+    query, key, value = make_inputs(DOT_SIZE, requires_grad=True)
 
     def step():
         out = fastnl.nonlocal_diffuse(query, key, value, kernel="dot", backend=implementation)
@@ -153,7 +120,7 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 
 def _peak_extra_bytes(backend, shape):
-    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, backend, *map(str, shape)],
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, backend, *map(str, shape.values())],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -161,8 +128,8 @@ def _peak_extra_bytes(backend, shape):
 @pytest.mark.parametrize("implementation", ["cpp", "reference"])
 def test_peak_memory(benchmark, implementation):
     """Timed as a whole subprocess; the number that matters is extra_info's peak."""
-    benchmark.group = f"peak extra memory, diffuse fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
-    peak = benchmark.pedantic(_peak_extra_bytes, args=(implementation, PAPER_SHAPES[0]), rounds=1)
+    benchmark.group = f"peak extra memory, diffuse fwd+bwd {size_name(BAR_SIZE)}"
+    peak = benchmark.pedantic(_peak_extra_bytes, args=(implementation, BAR_SIZE), rounds=1)
     benchmark.extra_info["peak_extra_MiB"] = round(peak / 2**20, 2)
     MEDIANS[("peak bytes", implementation)] = peak
 
@@ -199,10 +166,10 @@ def _ratio(group, slower, faster):
 
 
 def _summary_lines():
-    batch, positions, width, value_width = PAPER_SHAPES[0]
-    main = f"diffuse softmax fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
-    stage = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {_shape_name(*PAPER_SHAPES[0])}"
-    dot = f"diffuse dot fwd+bwd {_shape_name(*DOT_SHAPE)}"
+    batch, positions, width, value_width = BAR_SIZE.values()
+    main = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"
+    stage = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {size_name(BAR_SIZE)}"
+    dot = f"diffuse dot fwd+bwd {size_name(DOT_SIZE)}"
     bars = [
         ("cpp vs reference, diffuse fwd+bwd", _ratio(main, "reference", "cpp"), 4.0),
         ("cpp vs SDPA + subtraction", _ratio(main, "sdpa", "cpp"), 1.5),
