@@ -174,9 +174,9 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
   const int64_t groups = std::max<int64_t>(1, (query_tiles + tiles_per_group - 1) / tiles_per_group);
   const int64_t group_rows = tiles_per_group * kBackwardQueryTile;
-  // dQ += dS K: for D narrower than a vector, as lane-wise partial sums (matmul_lanes)
-  constexpr bool kLaneGradQuery = DEPTH > 0 && DEPTH < Vec<T>::size();
-  const int64_t grad_q_width = kLaneGradQuery ? D * Vec<T>::size() : depth_width;
+  // dQ += dS K: for D = 8 in 16-lane vectors contracted along the keys (matmul_lanes_8)
+  constexpr bool kLaneGradQuery = DEPTH == 8 && Vec<T>::size() == 16;
+  const int64_t grad_q_width = kLaneGradQuery ? D : depth_width;
   // (B, groups, D + E, M padded): each group's dK^T and dV^T
   std::vector<T> partial(s.batch * groups * (D + E) * key_stride);
 
@@ -230,8 +230,8 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           matmul_tile<T>(D, width, rows, query_tile, 1, D, grad_logits.data(), width, grad_key_t + k0, key_stride,
                          true);
           if constexpr (kLaneGradQuery) {
-            matmul_lanes<T, DEPTH>(rows, width, grad_logits.data(), width, key_t.data(), width,
-                                   grad_q.data() + q0 * grad_q_width);
+            matmul_lanes_8(rows, width, grad_logits.data(), width, key_t.data(), width,
+                           grad_q.data() + q0 * grad_q_width);
           } else {
             matmul_tile<T>(rows, depth_width, keys, grad_logits.data(), width, 1, key_rows.data(), depth_width,
                            grad_q.data() + q0 * grad_q_width, depth_width, true);
@@ -241,8 +241,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
       for (int64_t r = 0; r < rows_in_group; ++r)
         for (int64_t d = 0; d < D; ++d) {
           const T* sum = grad_q.data() + r * grad_q_width;
-          grad_query[(first + r) * D + d] =
-              scale * (kLaneGradQuery ? reduce_sum(Vec<T>::loadu(sum + d * Vec<T>::size())) : sum[d]);
+          grad_query[(first + r) * D + d] = scale * sum[d];
         }
     }
   });

@@ -138,36 +138,47 @@ inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, 
                                            depth, accumulate);
 }
 
-// lanes[r][d] += A[r, :] * B[d, :] lane by lane, for r < ROWS and d < DEPTH: the
-// product A B^T contracted along the vectors, whose lanes the caller sums once at
-// the end. For outputs narrower than a vector (D = 8 in float), where matmul_tile
-// would compute half a vector of padding.
-template <typename T, int ROWS, int DEPTH>
-inline void lane_block(int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb, T* lanes) {
-  constexpr int64_t L = Vec<T>::size();
-  Vec<T> acc[ROWS][DEPTH];
-  for (int r = 0; r < ROWS; ++r)
-    for (int d = 0; d < DEPTH; ++d) acc[r][d] = Vec<T>::loadu(lanes + (r * DEPTH + d) * L);
-  for (int64_t c = 0; c < width; c += L) {
-    Vec<T> row[ROWS];
-    for (int r = 0; r < ROWS; ++r) row[r] = Vec<T>::loadu(a + r * lda + c);
-    for (int d = 0; d < DEPTH; ++d) {
-      const Vec<T> column = Vec<T>::loadu(b + d * ldb + c);
-      for (int r = 0; r < ROWS; ++r) acc[r][d] = at::vec::fmadd(row[r], column, acc[r][d]);
+// sums[v] += the sum of the lanes of vectors[v], for 16 vectors of 16 lanes: a
+// butterfly of 15 interleave-and-add steps instead of 16 separate reductions. After
+// its four levels, lane L holds the sum of vectors[L with its four bits reversed].
+template <typename T>
+inline void add_lane_sums_16(Vec<T> (&vectors)[16], T* sums) {
+  static_assert(Vec<T>::size() == 16, "a butterfly over 16 lanes");
+  for (int count = 16; count > 1; count /= 2) {
+    for (int i = 0; i < count / 2; ++i) {
+      const auto halves = at::vec::interleave2(vectors[2 * i], vectors[2 * i + 1]);
+      vectors[i] = halves.first + halves.second;
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int d = 0; d < DEPTH; ++d) acc[r][d].store(lanes + (r * DEPTH + d) * L);
+  T lanes[16];
+  vectors[0].store(lanes);
+  for (int v = 0; v < 16; ++v) sums[v] += lanes[((v & 1) << 3) | ((v & 2) << 1) | ((v & 4) >> 1) | ((v & 8) >> 3)];
 }
 
-// lanes (rows, DEPTH, vector) += A (rows, width) B^T (width, DEPTH), width a whole number of vectors.
-template <typename T, int DEPTH>
-inline void matmul_lanes(int64_t rows, int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb,
-                         T* lanes) {
+// C (rows, 8) += A (rows, width) B^T (width, 8), contracted along the vectors, with
+// width a whole number of vectors: for outputs of 8 floats, where matmul_tile would
+// spend half of every 16-lane vector on padding. Two rows x 8 columns = 16 register
+// accumulators per block, reduced across lanes once per call.
+template <typename T>
+inline void matmul_lanes_8(int64_t rows, int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb, T* c) {
   constexpr int64_t L = Vec<T>::size();
-  int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) lane_block<T, 2, DEPTH>(width, a + r * lda, lda, b, ldb, lanes + r * DEPTH * L);
-  for (; r < rows; ++r) lane_block<T, 1, DEPTH>(width, a + r * lda, lda, b, ldb, lanes + r * DEPTH * L);
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t pair = std::min<int64_t>(2, rows - r);
+    Vec<T> acc[16];
+    for (auto& vector : acc) vector = Vec<T>(T(0));
+    for (int64_t col = 0; col < width; col += L) {
+      const Vec<T> first = Vec<T>::loadu(a + r * lda + col);
+      const Vec<T> second = pair == 2 ? Vec<T>::loadu(a + (r + 1) * lda + col) : Vec<T>(T(0));
+      for (int d = 0; d < 8; ++d) {
+        const Vec<T> column = Vec<T>::loadu(b + d * ldb + col);
+        acc[d] = at::vec::fmadd(first, column, acc[d]);
+        acc[8 + d] = at::vec::fmadd(second, column, acc[8 + d]);
+      }
+    }
+    T sums[16] = {};
+    add_lane_sums_16(acc, sums);
+    for (int64_t i = 0; i < pair * 8; ++i) c[r * 8 + i] += sums[i];
+  }
 }
 
 }  // namespace fastnl
