@@ -35,11 +35,12 @@ import torch
 # name -> module, in order of preference for backend=None on each device type
 _MODULES = {
     "torch": "fastnl.backends.torch_tiled",
+    "cpp": "fastnl.backends.cpp",
     "triton": "fastnl.backends.triton",
     "cuda": "fastnl.backends.cuda",
 }
 _PREFERENCE = {
-    "cpu": ["torch"],
+    "cpu": ["cpp", "torch"],
     "cuda": ["triton", "cuda", "torch"],
 }
 

@@ -1,0 +1,215 @@
+"""The cpp backend against the reference, the torch backend and PyTorch's own fused
+attention (issue 3). One group per problem, one row per implementation:
+
+    pytest benchmarks/test_cpp_bench.py --benchmark-only
+
+The problems and the SDPA peer come from cases.py; test_diffuse_bench.py times every
+backend, cpp included, at all three paper sizes. This file adds what is particular
+to the cpp kernels: a stage's chain sharing statistics, the dot kernel at N = 16384,
+peak memory by the kernel's high-water mark, and the machine's exp and sgemm rates.
+
+After the timings a summary prints the ratios behind the issue's bars (cpp vs
+reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
+N = 16384) and how close the fused kernel comes to the machine's exp + FLOP bound.
+All float32, fastnl's default scale 1; SDPA is given the same scale.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+from time import perf_counter
+
+import pytest
+import torch
+
+import fastnl
+from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, sdpa_diffuse, size_name
+from fastnl.backends import cpp
+
+pytestmark = pytest.mark.skipif(cpp.is_available("cpu") is not None, reason="the cpp backend did not build")
+
+# The bar's problem is the paper's first size (B16, N1024, D8, E16); benchmarks/
+# test_diffuse_bench.py times every backend at all three sizes.
+BAR_SIZE = SIZES[0]
+STAGE_BLOCKS = 4
+DOT_SIZE = dict(batch=1, positions=16384, width=8, value_width=16)
+MEDIANS = {}  # (group, implementation) -> median seconds; ("peak bytes", implementation) -> bytes
+
+
+def _record(benchmark, implementation):
+    if benchmark.stats is not None:
+        MEDIANS[(benchmark.group, implementation)] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "sdpa", "torch", "reference"])
+def test_diffuse_forward_backward(benchmark, implementation):
+    benchmark.group = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"
+    inputs = make_inputs(BAR_SIZE, requires_grad=True)
+    run_step(IMPLEMENTATIONS[implementation], inputs, True)  # build / warm up outside the timing
+    benchmark.pedantic(run_step, args=(IMPLEMENTATIONS[implementation], inputs, True),
+                       rounds=9 if implementation != "reference" else 4, warmup_rounds=1)
+    _record(benchmark, implementation)
+
+
+def _stage_step(implementation, query, key, value):
+    """A NonlocalStage's pattern: STAGE_BLOCKS diffusions with one affinity, each on the
+    previous block's output (v <- v + diffuse(v)), then the backward through all."""
+    if implementation == "cpp":
+        def step():
+            values, log_normalizer = value, None
+            for _ in range(STAGE_BLOCKS):
+                # the first call returns the row statistics, the later ones reuse them
+                out, log_normalizer = fastnl.nonlocal_attend(
+                    query, key, values, values, backend="cpp", log_normalizer=log_normalizer
+                )
+                values = values + out
+            values.backward(torch.ones_like(values))
+    else:
+        def step():
+            values = value
+            for _ in range(STAGE_BLOCKS):
+                values = values + sdpa_diffuse(query, key, values)
+            values.backward(torch.ones_like(values))
+    return step
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "sdpa"])
+def test_stage_chain(benchmark, implementation):
+    benchmark.group = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {size_name(BAR_SIZE)}"
+    step = _stage_step(implementation, *make_inputs(BAR_SIZE, requires_grad=True))
+    step()
+    benchmark.pedantic(step, rounds=7, warmup_rounds=1)
+    _record(benchmark, implementation)
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "reference"])
+def test_dot_forward_backward(benchmark, implementation):
+    benchmark.group = f"diffuse dot fwd+bwd {size_name(DOT_SIZE)}"
+    query, key, value = make_inputs(DOT_SIZE, requires_grad=True)
+
+    def step():
+        out = fastnl.nonlocal_diffuse(query, key, value, kernel="dot", backend=implementation)
+        out.backward(torch.ones_like(out))
+
+    step()
+    benchmark.pedantic(step, rounds=9 if implementation == "cpp" else 2, warmup_rounds=0)
+    _record(benchmark, implementation)
+
+
+# Peak memory in a fresh process: warm up on a tiny problem (library loads, thread
+# pools), reset the resident-set high-water mark (Linux clear_refs "5"), run one
+# forward + backward, and report the high-water mark's growth over the resident set.
+_MEMORY_PROBE = textwrap.dedent("""
+    import json, sys, torch, fastnl
+    backend, batch, positions, width, value_width = sys.argv[1], *map(int, sys.argv[2:])
+    def step(b, n):
+        q, k = (torch.randn(b, n, width, requires_grad=True) for _ in range(2))
+        v = torch.randn(b, n, value_width, requires_grad=True)
+        fastnl.nonlocal_diffuse(q, k, v, backend=backend).sum().backward()
+    step(2, 64)
+    inputs = [torch.randn(batch, positions, w, requires_grad=True) for w in (width, width, value_width)]
+    def status(field):
+        with open("/proc/self/status") as lines:
+            return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field))
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    fastnl.nonlocal_diffuse(*inputs, backend=backend).sum().backward()
+    print(json.dumps(status("VmHWM:") - before))
+""")
+
+
+def _peak_extra_bytes(backend, shape):
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, backend, *map(str, shape.values())],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "reference"])
+def test_peak_memory(benchmark, implementation):
+    """Timed as a whole subprocess; the number that matters is extra_info's peak."""
+    benchmark.group = f"peak extra memory, diffuse fwd+bwd {size_name(BAR_SIZE)}"
+    peak = benchmark.pedantic(_peak_extra_bytes, args=(implementation, BAR_SIZE), rounds=1)
+    benchmark.extra_info["peak_extra_MiB"] = round(peak / 2**20, 2)
+    MEDIANS[("peak bytes", implementation)] = peak
+
+
+def test_machine_throughput(benchmark):
+    """exp/s (torch.exp, vectorised) and sgemm FLOP/s of this machine, for the bound."""
+    benchmark.group = "machine: exp and sgemm throughput"
+    values, exps = torch.randn(1 << 22), torch.empty(1 << 22)
+    left, right, product = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+
+    def step():
+        torch.exp(values, out=exps)
+        torch.mm(left, right, out=product)
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    exp_seconds = min(_time(lambda: torch.exp(values, out=exps)) for _ in range(5))
+    gemm_seconds = min(_time(lambda: torch.mm(left, right, out=product)) for _ in range(5))
+    MEDIANS[("machine", "exp/s")] = values.numel() / exp_seconds
+    MEDIANS[("machine", "flop/s")] = 2 * 1024**3 / gemm_seconds
+    benchmark.extra_info.update(gexp_per_s=round(MEDIANS[("machine", "exp/s")] / 1e9, 2),
+                                gflop_per_s=round(MEDIANS[("machine", "flop/s")] / 1e9, 1))
+
+
+def _time(function):
+    start = perf_counter()
+    function()
+    return perf_counter() - start
+
+
+def _ratio(group, slower, faster):
+    if (group, slower) in MEDIANS and (group, faster) in MEDIANS:
+        return MEDIANS[(group, slower)] / MEDIANS[(group, faster)]
+    return None
+
+
+def _summary_lines():
+    batch, positions, width, value_width = BAR_SIZE.values()
+    main = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"
+    stage = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {size_name(BAR_SIZE)}"
+    dot = f"diffuse dot fwd+bwd {size_name(DOT_SIZE)}"
+    bars = [
+        ("cpp vs reference, diffuse fwd+bwd", _ratio(main, "reference", "cpp"), 4.0),
+        ("cpp vs SDPA + subtraction", _ratio(main, "sdpa", "cpp"), 1.5),
+        (f"stage chain of {STAGE_BLOCKS}: cpp vs SDPA", _ratio(stage, "sdpa", "cpp"), 1.4),
+        ("dot at N=16384: cpp vs reference", _ratio(dot, "reference", "cpp"), 50.0),
+    ]
+    lines = [f"{'bar':<42}{'speed-up':>10}{'needed':>8}"]
+    lines += [f"{name:<42}{ratio:>10.2f}{need:>8.1f}" for name, ratio, need in bars if ratio is not None]
+    peaks = MEDIANS.get(("peak bytes", "cpp")), MEDIANS.get(("peak bytes", "reference"))
+    if None not in peaks:
+        lines.append(f"peak extra memory: cpp {peaks[0] / 2**20:.1f} MiB, reference {peaks[1] / 2**20:.1f} MiB "
+                     f"= {100 * peaks[0] / peaks[1]:.1f}% (needed <= 5%)")
+    if ("machine", "exp/s") in MEDIANS and (main, "cpp") in MEDIANS:
+        pairs = batch * positions * positions
+        exps = 2 * pairs  # forward, and the backward's recomputed tiles
+        # per pair: forward q.k (D) and p v (E); backward q.k, dp (E), dV (E), dK (D), dQ (D)
+        flops = 2 * pairs * (4 * width + 3 * value_width)
+        exp_seconds = exps / MEDIANS[("machine", "exp/s")]
+        flop_seconds = flops / MEDIANS[("machine", "flop/s")]
+        measured = MEDIANS[(main, "cpp")]
+        lines.append(f"bound for cpp fwd+bwd: {exps / 1e6:.0f}M exp at {MEDIANS[('machine', 'exp/s')] / 1e9:.2f} G/s "
+                     f"= {exp_seconds * 1e3:.2f} ms + {flops / 1e9:.2f} GFLOP at "
+                     f"{MEDIANS[('machine', 'flop/s')] / 1e9:.0f} GFLOP/s = {flop_seconds * 1e3:.2f} ms; "
+                     f"measured {measured * 1e3:.2f} ms, so the bound is {(exp_seconds + flop_seconds) / measured:.0%} of it")
+    return lines
+
+
+class _SummaryPlugin:
+    """Prints the bars after pytest-benchmark's tables (a terminal-summary hook)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter):
+        if MEDIANS:
+            terminalreporter.section("fastnl cpp backend: the issue's bars (medians from the groups above)")
+            for line in _summary_lines():
+                terminalreporter.write_line("  " + line)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("fastnl-cpp-bench-summary"):
+        manager.register(_SummaryPlugin(), "fastnl-cpp-bench-summary")

@@ -1,0 +1,59 @@
+// Operator schemas (namespace fastnl_cpp), their CPU implementations, and the
+// argument checks shared by all of them. fastnl/backends/cpp.py calls these through
+// torch.ops.fastnl_cpp; fastnl's Python custom ops stay the public operators.
+#include "ops.h"
+
+#include <torch/library.h>
+
+namespace fastnl {
+
+void check_like(const char* name, const Tensor& tensor, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor, got ", tensor.device());
+  TORCH_CHECK(tensor.sizes() == shape, name, " must have shape ", shape, ", got ", tensor.sizes());
+  TORCH_CHECK(tensor.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+              tensor.scalar_type());
+  TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous");
+}
+
+void check_operands(const Tensor& query, const Tensor& key, const Tensor& value,
+                    const OptionalTensor& center) {
+  TORCH_CHECK(query.dim() == 3, "query must be (B, N, D), got shape ", query.sizes());
+  TORCH_CHECK(key.dim() == 3, "key must be (B, M, D), got shape ", key.sizes());
+  TORCH_CHECK(value.dim() == 3, "value must be (B, M, E), got shape ", value.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "query must be float32 or float64 (convert half precision first), got ", dtype);
+  const int64_t batch = query.size(0), num_queries = query.size(1), width = query.size(2);
+  const int64_t num_keys = key.size(1);
+  TORCH_CHECK(num_keys > 0, "key must have at least one position (M > 0)");
+  check_like("query", query, query.sizes(), dtype);
+  check_like("key", key, {batch, num_keys, width}, dtype);
+  check_like("value", value, {batch, num_keys, value.size(2)}, dtype);
+  if (center) check_like("center", *center, {batch, num_queries, value.size(2)}, dtype);
+}
+
+}  // namespace fastnl
+
+TORCH_LIBRARY(fastnl_cpp, m) {
+  m.def("softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
+        "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");
+  m.def("softmax_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
+        "Tensor out, Tensor log_normalizer, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("dot_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("dot_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("concat_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("concat_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
+  m.impl("softmax_forward", &fastnl::softmax_forward);
+  m.impl("softmax_backward", &fastnl::softmax_backward);
+  m.impl("dot_forward", &fastnl::dot_forward);
+  m.impl("dot_backward", &fastnl::dot_backward);
+  m.impl("concat_forward", &fastnl::concat_forward);
+  m.impl("concat_backward", &fastnl::concat_backward);
+}

@@ -1,0 +1,184 @@
+// Tile arithmetic shared by the CPU kernels: packing tiles into vector-padded
+// buffers, one register-blocked small matrix product, and a fast exponential.
+// Everything is written on at::vec::Vectorized, so one source serves AVX512, AVX2
+// and the scalar fallback; the build chooses the capability (fastnl/backends/cpp.py).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace fastnl {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// A vector-padded width: rows of packed tiles start on whole vectors.
+template <typename T>
+inline int64_t padded(int64_t width) {
+  return round_up(width, Vec<T>::size());
+}
+
+// e^x for the shifted logits of the softmax kernels (x <= ~0), the hot spot of the
+// flash loops. float: the range reduction x = n ln2 + r and degree-5 polynomial of
+// PyTorch's exp_u20 (relative error ~1e-6), without its overflow handling, which
+// costs a third of its instructions. On AVX512 one scalef forms p 2^n exactly (0 for
+// x = -inf); elsewhere x is clamped at -87.3 so 2^n stays normal (e^x below that is
+// ~1e-38, not 0). NaN is carried through, so a NaN logit or statistic makes its row
+// NaN as in torch.softmax; the kernels rely on that. double: the accurate exp.
+template <typename T>
+inline Vec<T> fast_exp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec<float> input = x;
+#else
+    const Vec<float> input = at::vec::maximum(x, Vec<float>(-87.3f));  // keeps NaN
+#endif
+    const Vec<float> n = (input * Vec<float>(1.44269504f)).round();
+    const Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693147181f), input);
+    Vec<float> poly(0.00828929059f);
+    for (const float coefficient : {0.0418978221f, 0.166676521f, 0.499991506f, 0.999999701f, 1.0f})
+      poly = at::vec::fmadd(poly, r, Vec<float>(coefficient));
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_scalef_ps(poly, n);
+#else
+    using Bits = Vec<int32_t>;
+    const Bits two_to_n = (at::vec::convert_to_int_of_same_size(n) + Bits(127)) << Bits(23);
+    return poly * at::vec::cast<float>(two_to_n);
+#endif
+  } else {
+    return x.exp();
+  }
+}
+
+// dst (cols, ld) = src (rows, cols) transposed, columns rows..ld zero.
+template <typename T>
+inline void pack_transposed(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* out = dst + c * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r] = src[r * cols + c];
+    for (int64_t r = rows; r < ld; ++r) out[r] = T(0);
+  }
+}
+
+// dst (rows, ld) = src (rows, cols), columns cols..ld zero.
+template <typename T>
+inline void pack_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[r * cols + c];
+    for (int64_t c = cols; c < ld; ++c) dst[r * ld + c] = T(0);
+  }
+}
+
+// Register blocks of the product: AVX512 has 32 vector registers, AVX2 16.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kWideVecs = 4;
+#else
+constexpr int kWideVecs = 2;
+#endif
+constexpr int kWideRows = 4;
+constexpr int kNarrowRows = 8;
+
+// C[r, :] (+)= sum_k A(r, k) B[k, :] for ROWS rows and VECS vectors of columns, all
+// in registers. A is read one element at a time through strides, so a transposed A
+// costs nothing; DEPTH > 0 fixes the depth at compile time (the small widths D).
+template <typename T, int ROWS, int VECS, int DEPTH>
+inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+                          T* c, int64_t ldc, int64_t depth, bool accumulate) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[ROWS][VECS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v)
+      acc[r][v] = accumulate ? Vec<T>::loadu(c + r * ldc + v * L) : Vec<T>(T(0));
+  const int64_t count = DEPTH > 0 ? DEPTH : depth;
+  for (int64_t k = 0; k < count; ++k) {
+    Vec<T> row[VECS];
+    for (int v = 0; v < VECS; ++v) row[v] = Vec<T>::loadu(b + k * ldb + v * L);
+    for (int r = 0; r < ROWS; ++r) {
+      const Vec<T> coefficient(a[r * a_row + k * a_col]);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = at::vec::fmadd(coefficient, row[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v) acc[r][v].store(c + r * ldc + v * L);
+}
+
+template <typename T, int ROWS, int VECS, int DEPTH>
+inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b,
+                         int64_t ldb, T* c, int64_t ldc, int64_t depth, bool accumulate) {
+  int64_t r = 0;
+  for (; r + ROWS <= rows; r += ROWS)
+    product_block<T, ROWS, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
+                                        accumulate);
+  for (; r < rows; ++r)
+    product_block<T, 1, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
+                                     accumulate);
+}
+
+// C (rows, width) (+)= A (rows, depth) B (depth, width), A(r, k) = a[r * a_row + k * a_col].
+// width is a multiple of the vector size, and B, C rows are that wide (padded).
+template <typename T, int DEPTH = 0>
+inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row,
+                        int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t column = 0;
+  for (; column + kWideVecs * L <= width; column += kWideVecs * L)
+    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
+                                                 depth, accumulate);
+  for (; column < width; column += L)
+    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
+                                           depth, accumulate);
+}
+
+// sums[v] += the sum of the lanes of vectors[v], for 16 vectors of 16 lanes: a
+// butterfly of 15 interleave-and-add steps instead of 16 separate reductions. After
+// its four levels, lane L holds the sum of vectors[L with its four bits reversed].
+template <typename T>
+inline void add_lane_sums_16(Vec<T> (&vectors)[16], T* sums) {
+  static_assert(Vec<T>::size() == 16, "a butterfly over 16 lanes");
+  for (int count = 16; count > 1; count /= 2) {
+    for (int i = 0; i < count / 2; ++i) {
+      const auto halves = at::vec::interleave2(vectors[2 * i], vectors[2 * i + 1]);
+      vectors[i] = halves.first + halves.second;
+    }
+  }
+  T lanes[16];
+  vectors[0].store(lanes);
+  for (int v = 0; v < 16; ++v) sums[v] += lanes[((v & 1) << 3) | ((v & 2) << 1) | ((v & 4) >> 1) | ((v & 8) >> 3)];
+}
+
+// C (rows, 8) += A (rows, width) B^T (width, 8), contracted along the vectors, with
+// width a whole number of vectors: for outputs of 8 floats, where matmul_tile would
+// spend half of every 16-lane vector on padding. Two rows x 8 columns = 16 register
+// accumulators per block, reduced across lanes once per call.
+template <typename T>
+inline void matmul_lanes_8(int64_t rows, int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb, T* c) {
+  constexpr int64_t L = Vec<T>::size();
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t pair = std::min<int64_t>(2, rows - r);
+    Vec<T> acc[16];
+    for (auto& vector : acc) vector = Vec<T>(T(0));
+    for (int64_t col = 0; col < width; col += L) {
+      const Vec<T> first = Vec<T>::loadu(a + r * lda + col);
+      const Vec<T> second = pair == 2 ? Vec<T>::loadu(a + (r + 1) * lda + col) : Vec<T>(T(0));
+      for (int d = 0; d < 8; ++d) {
+        const Vec<T> column = Vec<T>::loadu(b + d * ldb + col);
+        acc[d] = at::vec::fmadd(first, column, acc[d]);
+        acc[8 + d] = at::vec::fmadd(second, column, acc[8 + d]);
+      }
+    }
+    T sums[16] = {};
+    add_lane_sums_16(acc, sums);
+    for (int64_t i = 0; i < pair * 8; ++i) c[r * 8 + i] += sums[i];
+  }
+}
+
+}  // namespace fastnl
