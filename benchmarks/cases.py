@@ -1,10 +1,9 @@
 """The benchmark problems and implementations, shared by the suites and the memory probe.
 
-Run as a script it measures one case's peak extra memory in a fresh process:
+Run as a script it measures one case's peak extra memory in a fresh process (Linux):
     python benchmarks/cases.py IMPLEMENTATION SIZE_INDEX {forward,backward}
 and prints the growth of the resident-set high-water mark in bytes.
 """
-import resource
 import sys
 
 import torch
@@ -66,15 +65,22 @@ def run_step(function, inputs, backward):
     return out
 
 
-def _peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
 
 
 if __name__ == "__main__":
+    # Warm up on a tiny problem (libraries, thread pools, a cpp build), reset the
+    # resident-set high-water mark (Linux clear_refs "5"), run one step, and report the
+    # high-water mark's growth over the resident set before it.
     name, size_index, direction = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    backward = direction == "backward"
     torch.set_num_threads(1)  # the same few allocations whatever the thread count
-    inputs = make_inputs(SIZES[size_index], requires_grad=direction == "backward")
-    run_step(IMPLEMENTATIONS[name], make_inputs(SIZES[2], direction == "backward"), direction == "backward")
-    before = _peak_rss_bytes()
-    run_step(IMPLEMENTATIONS[name], inputs, direction == "backward")
-    print(_peak_rss_bytes() - before)
+    run_step(IMPLEMENTATIONS[name], make_inputs(SIZES[2], backward), backward)
+    inputs = make_inputs(SIZES[size_index], requires_grad=backward)
+    before = _status_bytes("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    run_step(IMPLEMENTATIONS[name], inputs, backward)
+    print(_status_bytes("VmHWM:") - before)

@@ -6,17 +6,13 @@ attention (issue 3). One group per problem, one row per implementation:
 The problems and the SDPA peer come from cases.py; test_diffuse_bench.py times every
 backend, cpp included, at all three paper sizes. This file adds what is particular
 to the cpp kernels: a stage's chain sharing statistics, the dot kernel at N = 16384,
-peak memory by the kernel's high-water mark, and the machine's exp and sgemm rates.
+peak memory of one step (conftest.peak_extra_bytes), and the machine's exp and sgemm rates.
 
 After the timings a summary prints the ratios behind the issue's bars (cpp vs
 reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
 N = 16384) and how close the fused kernel comes to the machine's exp + FLOP bound.
 All float32, fastnl's default scale 1; SDPA is given the same scale.
 """
-import json
-import subprocess
-import sys
-import textwrap
 from time import perf_counter
 
 import pytest
@@ -24,6 +20,7 @@ import torch
 
 import fastnl
 from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, sdpa_diffuse, size_name
+from conftest import peak_extra_bytes
 from fastnl.backends import cpp
 
 pytestmark = pytest.mark.skipif(cpp.is_available("cpu") is not None, reason="the cpp backend did not build")
@@ -96,40 +93,11 @@ def test_dot_forward_backward(benchmark, implementation):
     _record(benchmark, implementation)
 
 
-# Peak memory in a fresh process: warm up on a tiny problem (library loads, thread
-# pools), reset the resident-set high-water mark (Linux clear_refs "5"), run one
-# forward + backward, and report the high-water mark's growth over the resident set.
-_MEMORY_PROBE = textwrap.dedent("""
-    import json, sys, torch, fastnl
-    backend, batch, positions, width, value_width = sys.argv[1], *map(int, sys.argv[2:])
-    def step(b, n):
-        q, k = (torch.randn(b, n, width, requires_grad=True) for _ in range(2))
-        v = torch.randn(b, n, value_width, requires_grad=True)
-        fastnl.nonlocal_diffuse(q, k, v, backend=backend).sum().backward()
-    step(2, 64)
-    inputs = [torch.randn(batch, positions, w, requires_grad=True) for w in (width, width, value_width)]
-    def status(field):
-        with open("/proc/self/status") as lines:
-            return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field))
-    before = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    fastnl.nonlocal_diffuse(*inputs, backend=backend).sum().backward()
-    print(json.dumps(status("VmHWM:") - before))
-""")
-
-
-def _peak_extra_bytes(backend, shape):
-    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, backend, *map(str, shape.values())],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("implementation", ["cpp", "reference"])
 def test_peak_memory(benchmark, implementation):
     """Timed as a whole subprocess; the number that matters is extra_info's peak."""
     benchmark.group = f"peak extra memory, diffuse fwd+bwd {size_name(BAR_SIZE)}"
-    peak = benchmark.pedantic(_peak_extra_bytes, args=(implementation, BAR_SIZE), rounds=1)
+    peak = benchmark.pedantic(peak_extra_bytes, args=(implementation, SIZES.index(BAR_SIZE), True), rounds=1)
     benchmark.extra_info["peak_extra_MiB"] = round(peak / 2**20, 2)
     MEDIANS[("peak bytes", implementation)] = peak
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from fastnl import backends
 from fastnl.checkpoint import load_model
 from fastnl.engine import train
 from fastnl.runlog import COLUMNS
@@ -39,7 +40,8 @@ def test_train_resume_and_records(layout, preset, request, tmp_path):
     assert json.loads((out / "log.json").read_text())[1]["test_acc"] == pytest.approx(float(rows[1]["test_acc"]))
     config = json.loads((out / "config.json").read_text())
     assert config["placement"] == preset and config["lr"] == 0.1 and config["run"]["device"] == "cpu"
-    assert config["run"]["nonlocal_backend"] == (None if preset == "baseline" else "torch")
+    default_cpu_backend = backends.resolve(None, "cpu")  # "cpp", or "torch" where it did not build
+    assert config["run"]["nonlocal_backend"] == (None if preset == "baseline" else default_cpu_backend)
     model, saved = load_model(out / "checkpoint.pt")
     assert saved["model"]["placement"] == preset and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
