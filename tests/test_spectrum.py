@@ -47,36 +47,51 @@ def _stage_with_spectrum(eigenvalues, antisymmetric, seed=0):
 
 
 # (eigenvalues of the symmetric part, top, reported series, negative fraction of the series,
-#  negative fraction of all, max positive, max negative)
+#  negative fraction of all, negative weight, max positive, max negative)
 KNOWN_SPECTRA = [
-    ([3.0, 1.0, 0.0, -0.5, -2.0], 5, [3.0, 1.0, 0.0, -0.5, -2.0], 2 / 5, 2 / 5, 3.0, -2.0),
+    ([3.0, 1.0, 0.0, -0.5, -2.0], 5, [3.0, 1.0, 0.0, -0.5, -2.0], 2 / 5, 2 / 5, 2.5 / 6.5, 3.0, -2.0),
     # top 3 by magnitude: 3, -2, 1, then sorted descending
-    ([3.0, 1.0, 0.0, -0.5, -2.0], 3, [3.0, 1.0, -2.0], 1 / 3, 2 / 5, 3.0, -2.0),
+    ([3.0, 1.0, 0.0, -0.5, -2.0], 3, [3.0, 1.0, -2.0], 1 / 3, 2 / 5, 2.5 / 6.5, 3.0, -2.0),
     # damping only: no positive eigenvalue (the stable pattern the paper looks for)
-    ([-0.25, -1.0, -4.0], 32, [-0.25, -1.0, -4.0], 1.0, 1.0, None, -4.0),
-    ([2.0, 0.5], 1, [2.0], 0.0, 0.0, 2.0, None),
+    ([-0.25, -1.0, -4.0], 32, [-0.25, -1.0, -4.0], 1.0, 1.0, 1.0, None, -4.0),
+    ([2.0, 0.5], 1, [2.0], 0.0, 0.0, 0.0, 2.0, None),
 ]
 
 
 @pytest.mark.parametrize("antisymmetric", [False, True], ids=["symmetric W", "W with skew part"])
-@pytest.mark.parametrize("eigenvalues, top, series, fraction, fraction_all, max_positive, max_negative",
-                         KNOWN_SPECTRA)
-def test_known_weight_spectrum(eigenvalues, top, series, fraction, fraction_all, max_positive,
-                               max_negative, antisymmetric):
+@pytest.mark.parametrize(
+    "eigenvalues, top, series, fraction, fraction_all, negative_weight, max_positive, max_negative",
+    KNOWN_SPECTRA)
+def test_known_weight_spectrum(eigenvalues, top, series, fraction, fraction_all, negative_weight,
+                               max_positive, max_negative, antisymmetric):
     [record] = weight_spectra(_stage_with_spectrum(eigenvalues, antisymmetric), top=top)
     assert record["num_eigenvalues"] == len(eigenvalues)
     assert record["eigenvalues"] == pytest.approx(series, abs=1e-5)
     assert record["negative_fraction"] == pytest.approx(fraction)
     assert record["negative_fraction_all"] == pytest.approx(fraction_all)
+    assert record["negative_weight"] == pytest.approx(negative_weight, abs=1e-6)
     for key, expected in (("max_positive", max_positive), ("max_negative", max_negative)):
         assert (record[key] is None) if expected is None else record[key] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("channels, inter_channels", [(16, 8), (16, 4), (12, 3)])
+def test_generic_bottleneck_has_balanced_inertia(channels, inter_channels):
+    # Sylvester: sym(W_z W_g) of rank-r factors has r positive, r negative, C - 2r zero
+    # eigenvalues; the zeros must not be counted as negative by rounding
+    torch.manual_seed(channels + inter_channels)
+    block = NonlocalBlock(channels, inter_channels=inter_channels)
+    nn.init.normal_(block.branches[0].bn.weight)
+    [record] = weight_spectra(block, top=channels)
+    assert record["negative_fraction_all"] == inter_channels / channels
+    assert sum(value > record["zero_tolerance"] for value in record["eigenvalues"]) == inter_channels
+    assert 0.0 < record["negative_weight"] < 1.0
 
 
 def test_new_block_has_zero_spectrum():
     # zero-initialised BatchNorm scale: W = 0, nothing counts as negative or positive
     [record] = weight_spectra(NonlocalBlock(8), top=4)
     assert record["eigenvalues"] == [0.0] * 4
-    assert record["negative_fraction"] == 0.0
+    assert record["negative_fraction"] == 0.0 and record["negative_weight"] == 0.0
     assert record["max_positive"] is None and record["max_negative"] is None
 
 
@@ -177,7 +192,7 @@ def test_report_schema_is_json():
     report = json.loads(json.dumps(report))
     assert set(report) == {"blocks", "affinity"}
     block_keys = {"name", "module", "type", "block", "mode", "channels", "num_eigenvalues", "eigenvalues",
-                  "negative_fraction", "negative_fraction_all", "max_positive", "max_negative",
+                  "negative_fraction", "negative_fraction_all", "negative_weight", "max_positive", "max_negative",
                   "zero_tolerance"}
     assert [set(block) for block in report["blocks"]] == [block_keys] * 3
     assert all(len(block["eigenvalues"]) == 3 for block in report["blocks"])
