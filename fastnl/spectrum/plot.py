@@ -14,10 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 def draw_weight_spectrum(axes, records, title):
     """One series per block record (from `weight_spectra`) on `axes`."""
-    colors = plt.get_cmap("viridis" if len(records) > 10 else "tab10")
-    for index, record in enumerate(records):
+    for record, color in zip(records, _colors(len(records))):
         values = record["eigenvalues"]
-        color = colors(index / max(len(records) - 1, 1)) if len(records) > 10 else colors(index)
         axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3, linewidth=1.2,
                   color=color, label=record["name"])
     axes.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
@@ -29,6 +27,13 @@ def draw_weight_spectrum(axes, records, title):
         axes.legend(fontsize=7, loc="best")
     else:
         axes.text(0.5, 0.5, "no nonlocal blocks", transform=axes.transAxes, ha="center")
+
+
+def _colors(count):
+    """Ten distinct colours; beyond ten a sequential map, so blocks in order stay in order."""
+    if count <= 10:
+        return [plt.get_cmap("tab10")(index) for index in range(count)]
+    return [plt.get_cmap("viridis")(index / (count - 1)) for index in range(count)]
 
 
 def save_weight_figure(records, title, path):
