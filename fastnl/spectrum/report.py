@@ -31,9 +31,9 @@ def summary_lines(label, report):
     """Human-readable lines: one per block, then one per affinity record."""
     lines = [f"{label}: {len(report['blocks'])} nonlocal blocks"]
     for block in report["blocks"]:
-        lines.append(f"  {block['name']:<40} negative {block['negative_fraction']:6.1%} of top "
-                     f"{len(block['eigenvalues']):<3} max+ {_number(block['max_positive'])}  "
-                     f"max- {_number(block['max_negative'])}")
+        lines.append(f"  {block['name']:<32} negative {block['negative_fraction']:6.1%} of top "
+                     f"{len(block['eigenvalues']):<3} negative weight {block['negative_weight']:6.1%}  "
+                     f"max+ {_number(block['max_positive'])}  max- {_number(block['max_negative'])}")
     for record in report["affinity"] or []:
         if record["markov"]:
             outside = "-" if record["disc_distance"] is None else f"{record['disc_distance']:.2e}"
@@ -41,5 +41,5 @@ def summary_lines(label, report):
                       f"(N={record['positions']}, M={record['keys']}, {record['images']} images)")
         else:
             detail = "not a Markov matrix: disc not checked"
-        lines.append(f"  affinity {record['module']:<31} {detail}")
+        lines.append(f"  affinity {record['module']:<23} {detail}")
     return lines
