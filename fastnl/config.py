@@ -1,0 +1,67 @@
+"""The training configuration: one dataclass, its defaults and what must match on resume.
+
+Defaults are He et al.'s PreResNet recipe for CIFAR (Identity Mappings in Deep Residual
+Networks, 2016): SGD, lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 164
+epochs, lr divided by 10 after epochs 81 and 122 (bearpaw/pytorch-classification's
+`--schedule 81 122`).
+"""
+from dataclasses import asdict, dataclass, fields
+
+from fastnl.data import NUM_CLASSES
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "cifar10"
+    data_dir: str = "data"
+    arch: str = "preresnet20"
+    placement: str = "baseline"
+    mode: str = "embedded_gaussian"
+    backend: str | None = None
+    out: str = "runs/default"
+    epochs: int = 164
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    milestones: tuple = (81, 122)
+    gamma: float = 0.1
+    seed: int = 0
+    device: str | None = None
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    max_steps: int | None = None
+    train_subset: int | None = None
+    cache_dir: str | None = None
+    resume: bool = False
+
+    def model_kwargs(self):
+        """The keyword arguments of fastnl.models.build_model for this run."""
+        return {"arch": self.arch, "placement": self.placement, "num_classes": NUM_CLASSES[self.dataset],
+                "mode": self.mode, "backend": self.backend}
+
+    def to_dict(self):
+        state = asdict(self)
+        state["milestones"] = list(self.milestones)
+        state["model"] = self.model_kwargs()
+        return state
+
+    @classmethod
+    def from_dict(cls, state):
+        names = {field.name for field in fields(cls)}
+        config = cls(**{key: value for key, value in state.items() if key in names})
+        config.milestones = tuple(config.milestones)
+        return config
+
+
+# settings that may change when a run is resumed: where and how long it runs, not what
+# it computes
+RESUMABLE_CHANGES = {"data_dir", "out", "epochs", "device", "max_steps", "cache_dir", "resume", "compile",
+                     "backend", "channels_last"}
+
+
+def resume_mismatches(saved, current):
+    """Names of fields whose values differ between a checkpoint's config and this run."""
+    saved, current = saved.to_dict(), current.to_dict()
+    return sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])

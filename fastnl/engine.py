@@ -1,0 +1,134 @@
+"""`train(config)`: the whole training run, from data to final test accuracy.
+
+One function so that the command line, `fastnl.reproduce` and a later torchrun/DDP
+launcher share it; data sharding lives in `fastnl.data.epoch_batches`. Everything
+random comes from `config.seed`: torch's global generator (initialisation) and one
+data generator (shuffling, augmentation), both saved in every checkpoint, which makes
+a resumed CPU run bit-identical to an uninterrupted one.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastnl import backends
+from fastnl.checkpoint import load_checkpoint, save_checkpoint
+from fastnl.config import TrainConfig, resume_mismatches
+from fastnl.data import load_dataset
+from fastnl.loops import evaluate, train_one_epoch
+from fastnl.models import build_model
+from fastnl.modules import NonlocalBlock, NonlocalStage
+from fastnl.runlog import epoch_line, write_json, write_logs
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _device(config):
+    if config.device is not None:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _nonlocal_backend(model, config, device):
+    """The op backend the nonlocal modules run (None when the model has none)."""
+    if not any(isinstance(module, (NonlocalBlock, NonlocalStage)) for module in model.modules()):
+        return None
+    return config.backend if config.backend == "reference" else backends.resolve(config.backend, device.type)
+
+
+def _data(config, device):
+    train_images, train_labels = load_dataset(config.dataset, config.data_dir, True, config.cache_dir)
+    test_images, test_labels = load_dataset(config.dataset, config.data_dir, False, config.cache_dir)
+    if config.train_subset is not None:
+        # a seeded permutation: ImageFolder trees are sorted by class
+        keep = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(config.seed))
+        keep = keep[:config.train_subset]
+        train_images, train_labels = train_images[keep], train_labels[keep]
+    return [tensor.to(device) for tensor in (train_images, train_labels, test_images, test_labels)]
+
+
+def _rng_state(generator, device):
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, generator, device):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(config):
+    """Train per `config` (a TrainConfig); -> dict with the final epoch's row and run facts.
+
+    Writes config.json, log.csv, log.json, checkpoint.pt (every epoch) and final.json
+    to config.out. Raises fastnl.loops.NonFiniteLoss if the loss becomes NaN/inf.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(config)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = build_model(**config.model_kwargs()).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    epoch, step, history = 0, 0, []
+    checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.exists() and not config.resume:
+        raise FileExistsError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                              f"or choose another --out")
+    if config.resume:
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}")
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        mismatches = resume_mismatches(TrainConfig.from_dict(state["config"]), config)
+        if mismatches:
+            raise ValueError(f"--resume: settings differ from the checkpoint's: {', '.join(mismatches)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], generator, device)
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+    train_images, train_labels, test_images, test_labels = _data(config, device)
+    facts = {"device": str(device), "nonlocal_backend": _nonlocal_backend(model, config, device),
+             "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
+             "train_images": len(train_labels), "test_images": len(test_labels)}
+    write_json(out / "config.json", {**config.to_dict(), "run": facts})
+    print(f"{config.arch} {config.placement!r}: {facts['parameters']:,} parameters on {device}, "
+          f"nonlocal backend {facts['nonlocal_backend']}", file=sys.stderr)
+    forward = torch.compile(model) if config.compile else model
+    while epoch < config.epochs and (config.max_steps is None or step < config.max_steps):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        budget = None if config.max_steps is None else config.max_steps - step
+        trained = train_one_epoch(forward, optimizer, scaler, train_images, train_labels, generator, config,
+                                  device, budget, f"epoch {epoch + 1}/{config.epochs}")
+        tested = evaluate(forward, test_images, test_labels, config, device)
+        scheduler.step()
+        epoch, step = epoch + 1, step + trained["steps"]
+        history.append({
+            "epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_acc": trained["acc"],
+            "test_loss": tested["loss"], "test_acc": tested["acc"],
+            "epoch_time_s": time.perf_counter() - start, "train_time_s": trained["seconds"],
+            "images_per_s": trained["images"] / trained["seconds"], "steps": trained["steps"],
+        })
+        save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": _rng_state(generator, device), "epoch": epoch, "step": step, "history": history,
+            "config": config.to_dict(),
+        })
+        write_logs(out, history)
+        print(epoch_line(history[-1]), file=sys.stderr)
+    final = {**history[-1], "test_error": 100 * (1 - history[-1]["test_acc"]), **facts} if history else facts
+    write_json(out / "final.json", final)
+    return final

@@ -1,0 +1,21 @@
+"""python -m fastnl.reproduce table1 on tiny data: runs per seed, reuse, the Markdown table."""
+from fastnl.reproduce import PAPER_TABLE1, main
+from fastnl.models import PRESETS
+
+
+def test_table1(image_folder, tmp_path, capsys):
+    argv = ["table1", "--rows", "baseline", "--seeds", "0,1", "--out", str(tmp_path / "t"),
+            "--data-dir", str(image_folder), "--device", "cpu", "--epochs", "1", "--batch-size", "8",
+            "--train-subset", "8"]
+    assert main(argv) == 0
+    table = (tmp_path / "t" / "table1.md").read_text()
+    assert table in capsys.readouterr().out
+    assert "| baseline | 8.19 |" in table and " ± " in table and "| 2 |" in table
+    assert sorted(p.name for p in (tmp_path / "t" / "baseline").iterdir()) == ["seed-0", "seed-1"]
+    mtime = (tmp_path / "t" / "baseline" / "seed-0" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(argv) == 0  # finished runs are reused, not retrained
+    assert (tmp_path / "t" / "baseline" / "seed-0" / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_every_preset_has_a_paper_number():
+    assert set(PAPER_TABLE1) == set(PRESETS)

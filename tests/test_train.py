@@ -1,0 +1,67 @@
+"""python -m fastnl.train end to end on tiny generated data: logs, resume, NaN stop."""
+import csv
+import json
+
+import pytest
+import torch
+
+from fastnl.checkpoint import load_model
+from fastnl.engine import train
+from fastnl.runlog import COLUMNS
+from fastnl.train import EXIT_NON_FINITE, config_from_args, main, parser
+
+QUICK = ["--device", "cpu", "--batch-size", "8", "--epochs", "2", "--milestones", "1"]
+
+
+def _config(data_dir, out, *extra):
+    """A TrainConfig parsed from the command line, as main builds it (2 steps an epoch)."""
+    return config_from_args(parser().parse_args(["--data-dir", str(data_dir), "--out", str(out), *QUICK,
+                                                 "--train-subset", "16", *extra]))
+
+
+def _weights(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("layout, preset", [("image_folder", "proposed-2"), ("official_cifar10", "baseline")])
+def test_train_resume_and_records(layout, preset, request, tmp_path):
+    data_dir, out = request.getfixturevalue(layout), tmp_path / "run"
+    assert main(["--data-dir", str(data_dir), "--out", str(out), "--preset", preset, *QUICK,
+                 "--epochs", "1", "--max-steps", "3"]) == 0
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(["--data-dir", str(data_dir), "--out", str(out), "--preset", preset, *QUICK])
+    assert main(["--data-dir", str(data_dir), "--out", str(out), "--preset", preset, *QUICK,
+                 "--max-steps", "5", "--resume"]) == 0
+    with open(out / "log.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == COLUMNS and [row["epoch"] for row in rows] == ["1", "2"]
+    assert [row["steps"] for row in rows] == ["3", "2"] and float(rows[1]["lr"]) == pytest.approx(0.01)
+    assert json.loads((out / "log.json").read_text())[1]["test_acc"] == pytest.approx(float(rows[1]["test_acc"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["placement"] == preset and config["lr"] == 0.1 and config["run"]["device"] == "cpu"
+    assert config["run"]["nonlocal_backend"] == (None if preset == "baseline" else "torch")
+    model, saved = load_model(out / "checkpoint.pt")
+    assert saved["model"]["placement"] == preset and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "config"} <= set(state) and state["epoch"] == 2
+
+
+def test_resume_is_bit_identical(image_folder, tmp_path):
+    straight = train(_config(image_folder, tmp_path / "straight", "--preset", "proposed-2"))
+    train(_config(image_folder, tmp_path / "split", "--preset", "proposed-2", "--epochs", "1"))
+    resumed = train(_config(image_folder, tmp_path / "split", "--preset", "proposed-2", "--resume"))
+    for name, tensor in _weights(tmp_path / "straight").items():
+        assert torch.equal(tensor, _weights(tmp_path / "split")[name]), name
+    assert resumed["test_loss"] == straight["test_loss"]
+
+
+def test_resume_refuses_other_settings(image_folder, tmp_path):
+    train(_config(image_folder, tmp_path, "--epochs", "1", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="lr"):
+        train(_config(image_folder, tmp_path, "--lr", "0.2", "--resume"))
+
+
+def test_non_finite_loss_stops(image_folder, tmp_path, capsys):
+    code = main(["--data-dir", str(image_folder), "--out", str(tmp_path), *QUICK, "--lr", "1e30"])
+    assert code == EXIT_NON_FINITE
+    assert "stopped: training loss became" in capsys.readouterr().err
