@@ -213,3 +213,75 @@ def test_figures_are_written(tmp_path):
     for name in ("weights.png", "comparison.png", "affinity.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not math.isnan(report["blocks"][0]["eigenvalues"][0])
+
+
+def _image_folder(root, per_class):
+    """A tiny CIFAR-shaped ImageFolder tree (train/, test/; two classes of 32x32 PNGs)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(8)
+    for split in ("train", "test"):
+        for label in ("airplane", "automobile"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{index:04d}.png")
+    return root
+
+
+def _checkpoint(path, placement, seed):
+    from fastnl.checkpoint import save_checkpoint
+    from fastnl.models import build_model
+
+    options = {"arch": "preresnet20", "placement": placement, "num_classes": 10,
+               "mode": "embedded_gaussian", "backend": None}
+    model = _randomize(build_model(**options), seed=seed, sharpness=1.0)
+    save_checkpoint(path, {"model": model.state_dict(),
+                           "config": {"model": options, "dataset": "cifar10", "data_dir": "unused"}})
+    return path
+
+
+def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    from fastnl.spectrum.__main__ import FIGURES, main
+
+    monkeypatch.setenv("FASTNL_CACHE_DIR", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "data", per_class=3)
+    original = _checkpoint(tmp_path / "original-2" / "checkpoint.pt", "original-2", seed=9)
+    proposed = _checkpoint(tmp_path / "proposed-2" / "checkpoint.pt", "proposed-2", seed=10)
+    out = tmp_path / "out"
+    main([str(original), "--compare", str(proposed), "--top", "8", "--out", str(out),
+          "--data", str(data), "--images", "2"])
+
+    result = json.loads((out / "spectrum.json").read_text())
+    assert result["top"] == 8
+    assert result["figures"] == FIGURES
+    for name in FIGURES.values():
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    first, second = result["checkpoints"]
+    assert (first["label"], second["label"]) == ("original-2/checkpoint", "proposed-2/checkpoint")
+    assert [block["name"] for block in first["blocks"]] == ["layers.5.0.branches.0", "layers.5.1.branches.0"]
+    assert [block["name"] for block in second["blocks"]] == ["layers.5.branches.0", "layers.5.branches.1"]
+    assert all(len(block["eigenvalues"]) == 8 for block in first["blocks"] + second["blocks"])
+    assert first["images"] == {"dataset": "cifar10", "split": "test", "indices": [0, 5]}
+    assert [record["module"] for record in first["affinity"]] == ["layers.5.0", "layers.5.1"]
+    assert [record["module"] for record in second["affinity"]] == ["layers.5"]
+    for record in first["affinity"] + second["affinity"]:
+        assert (record["images"], record["positions"], record["keys"]) == (2, 256, 256)
+        assert record["row_sum_error"] <= 1e-12 and record["disc_distance"] <= 1e-6
+    printed = capsys.readouterr().out
+    assert "layers.5.branches.1" in printed and "spectrum.json" in printed
+
+
+def test_cli_weights_only(tmp_path):
+    from fastnl.spectrum.__main__ import FIGURES, main
+
+    checkpoint = _checkpoint(tmp_path / "run" / "last.pt", "proposed-3", seed=11)
+    main([str(checkpoint)])
+    out = tmp_path / "run" / "spectrum"  # default: next to the checkpoint
+    result = json.loads((out / "spectrum.json").read_text())
+    assert result["figures"] == {"weights": FIGURES["weights"]}
+    assert (out / FIGURES["weights"]).read_bytes()[:8] == PNG_MAGIC
+    [entry] = result["checkpoints"]
+    assert entry["affinity"] is None and "images" not in entry
+    assert len(entry["blocks"]) == 3 and all(len(block["eigenvalues"]) == 32 for block in entry["blocks"])
