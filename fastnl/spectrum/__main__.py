@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fastnl.checkpoint import load_model
+from fastnl.data import load_dataset, normalize
 from fastnl.spectrum.plot import save_affinity_figure, save_comparison_figure, save_weight_figure
 from fastnl.spectrum.report import analyze, summary_lines
 
@@ -44,14 +46,12 @@ def checkpoint_label(path):
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
-def test_images(data_dir, dataset, count):
+def evaluation_images(data_dir, dataset, count):
     """(images (count, 3, H, W) normalised as in training, their indices in the test split).
 
     Indices are evenly spaced over the split, so a split stored class by class still
     contributes every class; deterministic, so runs are comparable.
     """
-    from fastnl.data import load_dataset, normalize
-
     images, _ = load_dataset(dataset, data_dir, train=False)
     indices = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long()
     return normalize(images[indices], dataset), indices.tolist()
@@ -59,14 +59,12 @@ def test_images(data_dir, dataset, count):
 
 def analyze_checkpoint(path, args):
     """The JSON entry and affinity spectra of one checkpoint."""
-    from fastnl.checkpoint import load_model
-
     model, config = load_model(path, map_location="cpu")
     entry = {"checkpoint": str(path), "label": checkpoint_label(path), "config": config}
     images = None
     if args.data:
         dataset = args.dataset or config.get("dataset", "cifar10")
-        images, indices = test_images(args.data, dataset, args.images)
+        images, indices = evaluation_images(args.data, dataset, args.images)
         entry["images"] = {"dataset": dataset, "split": "test", "indices": indices}
     report, spectra = analyze(model, args.top, images)
     entry.update(report)
