@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Fused, memory-light nonlocal operators and modules for PyTorch",
     python_requires=">=3.10",
-    packages=["fastnl", "fastnl.backends", "fastnl.kernels", "fastnl.models"],
+    packages=["fastnl", "fastnl.backends", "fastnl.kernels", "fastnl.models", "fastnl.spectrum"],
     package_dir={"fastnl.kernels": "kernels"},
     install_requires=[
         "torch==2.14.1",
