@@ -13,8 +13,8 @@ SHAPES = [
     (1, 1, 1, 8, 16),  # a single position
     (2, 1, 37, 16, 1),  # N = 1, odd M, E = 1
     (2, 37, 37, 8, 16),  # odd N, one key tile
-    (2, 300, 300, 16, 48),  # N = M > one 256-key tile, not a multiple of it
-    (1, 45, 513, 64, 16),  # M != N, three key tiles
+    (2, 300, 300, 16, 48),  # N = M over two 128-key tiles, not a multiple of one
+    (1, 45, 513, 64, 16),  # M != N, five key tiles
     (3, 64, 17, 1, 48),  # D = 1
 ]
 LOW_PRECISION_SHAPES = [SHAPES[2], SHAPES[3]]
