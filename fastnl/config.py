@@ -4,6 +4,9 @@ Defaults are He et al.'s PreResNet recipe for CIFAR (Identity Mappings in Deep R
 Networks, 2016): SGD, lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 164
 epochs, lr divided by 10 after epochs 81 and 122 (bearpaw/pytorch-classification's
 `--schedule 81 122`).
+
+`batch_size` is the global batch: under torchrun each of the K ranks takes
+batch_size / K of it, so the recipe (and lr) does not change with the number of ranks.
 """
 from dataclasses import asdict, dataclass, fields
 
@@ -31,6 +34,7 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False
     max_steps: int | None = None
     train_subset: int | None = None
     cache_dir: str | None = None
@@ -58,7 +62,7 @@ class TrainConfig:
 # settings that may change when a run is resumed: where and how long it runs, not what
 # it computes
 RESUMABLE_CHANGES = {"data_dir", "out", "epochs", "device", "max_steps", "cache_dir", "resume", "compile",
-                     "backend", "channels_last"}
+                     "backend", "channels_last", "sync_bn"}
 
 
 def resume_mismatches(saved, current):

@@ -124,26 +124,44 @@ def _load_image_folder(root, cache_dir):
     return images, labels
 
 
-def epoch_batches(num_samples, batch_size, generator, shuffle, rank=0, world_size=1):
-    """Index batches (int64 tensors) of one epoch for process `rank` of `world_size`.
+def epoch_batches(num_samples, batch_size, generator, shuffle, world_size=1):
+    """The global index batches (int64 tensors) of one epoch; `shard` cuts out a rank's part.
 
-    The one place data is sharded: every process draws the same permutation from its
-    identically seeded generator and takes every world_size-th index, so together
-    they cover the epoch once.
+    Every rank draws the same permutation from its identically seeded generator, so
+    all agree on the global order. For training under `world_size` ranks the order is
+    padded to a multiple of world_size by repeating its first indices, as
+    torch.utils.data.DistributedSampler does, so every rank gets equally many samples
+    and batches (DDP needs the same number of steps everywhere, and equal shards make
+    the average of the ranks' mean losses the mean over the global batch).
     """
     order = torch.randperm(num_samples, generator=generator) if shuffle else torch.arange(num_samples)
-    return list(order[rank::world_size].split(batch_size))
+    padding = (-num_samples) % world_size if shuffle else 0
+    return list(torch.cat([order, order[:padding]]).split(batch_size))
 
 
-def augment(images, generator):
-    """Pad-4 random crop and random horizontal flip of a whole batch (B, C, H, W).
+def shard(batch, rank, world_size):
+    """Rank `rank`'s part of a global batch: every world_size-th element, from position rank."""
+    return batch[rank::world_size]
 
-    Any dtype and device; the random offsets and flips are drawn on the CPU from
-    `generator`, so the result depends only on its state.
+
+def draw_augmentation(batch_size, generator):
+    """The random crop offsets (2, B) and flips (B,) of one global batch, drawn on the CPU.
+
+    Drawn for the whole global batch on every rank (then sharded like the batch), so a
+    run on K ranks sees exactly the augmentation a run on one process sees.
+    """
+    offsets = torch.randint(0, 2 * PAD + 1, (2, batch_size), generator=generator)
+    flips = torch.rand(batch_size, generator=generator) < 0.5
+    return offsets, flips
+
+
+def augment(images, offsets, flips):
+    """Pad-4 crop at `offsets` (2, B) and horizontal flip where `flips` (B,) of a batch (B, C, H, W).
+
+    Any dtype and device; one gather, no per-sample Python.
     """
     batch, _, height, width = images.shape
-    offsets = torch.randint(0, 2 * PAD + 1, (2, batch), generator=generator).to(images.device)
-    flips = (torch.rand(batch, generator=generator) < 0.5).to(images.device)
+    offsets, flips = offsets.to(images.device), flips.to(images.device)
     padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
     rows = offsets[0, :, None] + torch.arange(height, device=images.device)
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)

@@ -1,10 +1,12 @@
 """`train(config)`: the whole training run, from data to final test accuracy.
 
-One function so that the command line, `fastnl.reproduce` and a later torchrun/DDP
-launcher share it; data sharding lives in `fastnl.data.epoch_batches`. Everything
-random comes from `config.seed`: torch's global generator (initialisation) and one
-data generator (shuffling, augmentation), both saved in every checkpoint, which makes
-a resumed CPU run bit-identical to an uninterrupted one.
+One function for the command line, `fastnl.reproduce` and torchrun: launched by
+torchrun, every rank runs it under DistributedDataParallel (fastnl.distributed) on
+its shard of each global batch (fastnl.data.epoch_batches, shard). Everything random
+comes from `config.seed`: torch's global generator (initialisation) and one data
+generator (shuffling, augmentation), drawn identically on every rank and saved in
+every checkpoint, which makes a resumed CPU run bit-identical to an uninterrupted one
+and lets a checkpoint written by K ranks resume on any number of ranks.
 """
 import sys
 import time
@@ -16,18 +18,13 @@ from fastnl import backends
 from fastnl.checkpoint import load_checkpoint, save_checkpoint
 from fastnl.config import TrainConfig, resume_mismatches
 from fastnl.data import load_dataset
+from fastnl.distributed import Ranks, convert_sync_batchnorm
 from fastnl.loops import evaluate, train_one_epoch
 from fastnl.models import build_model
 from fastnl.modules import NonlocalBlock, NonlocalStage
 from fastnl.runlog import epoch_line, write_json, write_logs
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def _device(config):
-    if config.device is not None:
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _nonlocal_backend(model, config, device):
@@ -37,9 +34,10 @@ def _nonlocal_backend(model, config, device):
     return config.backend if config.backend == "reference" else backends.resolve(config.backend, device.type)
 
 
-def _data(config, device):
-    train_images, train_labels = load_dataset(config.dataset, config.data_dir, True, config.cache_dir)
-    test_images, test_labels = load_dataset(config.dataset, config.data_dir, False, config.cache_dir)
+def _data(config, device, ranks):
+    with ranks.main_first():  # rank 0 decodes (and caches) an ImageFolder tree, the others read the cache
+        train_images, train_labels = load_dataset(config.dataset, config.data_dir, True, config.cache_dir)
+        test_images, test_labels = load_dataset(config.dataset, config.data_dir, False, config.cache_dir)
     if config.train_subset is not None:
         # a seeded permutation: ImageFolder trees are sorted by class
         keep = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(config.seed))
@@ -62,18 +60,41 @@ def _set_rng_state(state, generator, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _forwards(model, config, ranks, device):
+    """(training forward, evaluation forward): DDP (under torchrun) wraps only the training
+    one, so evaluation runs the plain module with no per-batch collectives."""
+    compiled = torch.compile if config.compile else (lambda module: module)
+    evaluation = compiled(model)
+    return (compiled(ranks.wrap(model, device)) if ranks.launched else evaluation), evaluation
+
+
 def train(config):
     """Train per `config` (a TrainConfig); -> dict with the final epoch's row and run facts.
 
     Writes config.json, log.csv, log.json, checkpoint.pt (every epoch) and final.json
-    to config.out. Raises fastnl.loops.NonFiniteLoss if the loss becomes NaN/inf.
+    to config.out (rank 0 only, under torchrun). Raises fastnl.loops.NonFiniteLoss if
+    the loss becomes NaN/inf (on every rank at the same step).
     """
+    ranks = Ranks.from_environment()
+    device = ranks.device(config.device)
+    if config.batch_size % ranks.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
+                         f"{ranks.world_size} ranks (each takes batch_size / world_size)")
+    ranks.start(device)
+    try:
+        return _train(config, ranks, device)
+    finally:
+        ranks.stop()
+
+
+def _train(config, ranks, device):
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(config)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = build_model(**config.model_kwargs()).to(device)
+    model = build_model(**config.model_kwargs())
+    if config.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -98,21 +119,24 @@ def train(config):
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], generator, device)
         epoch, step, history = state["epoch"], state["step"], state["history"]
-    train_images, train_labels, test_images, test_labels = _data(config, device)
+    train_images, train_labels, test_images, test_labels = _data(config, device, ranks)
     facts = {"device": str(device), "nonlocal_backend": _nonlocal_backend(model, config, device),
              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
-             "train_images": len(train_labels), "test_images": len(test_labels)}
-    write_json(out / "config.json", {**config.to_dict(), "run": facts})
-    print(f"{config.arch} {config.placement!r}: {facts['parameters']:,} parameters on {device}, "
-          f"nonlocal backend {facts['nonlocal_backend']}", file=sys.stderr)
-    forward = torch.compile(model) if config.compile else model
+             "train_images": len(train_labels), "test_images": len(test_labels), "world_size": ranks.world_size}
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {**config.to_dict(), "run": facts})
+        print(f"{config.arch} {config.placement!r}: {facts['parameters']:,} parameters on {device} "
+              f"x {ranks.world_size} rank(s), nonlocal backend {facts['nonlocal_backend']}", file=sys.stderr)
+    stepped, evaluated = _forwards(model, config, ranks, device)
     while epoch < config.epochs and (config.max_steps is None or step < config.max_steps):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         budget = None if config.max_steps is None else config.max_steps - step
-        trained = train_one_epoch(forward, optimizer, scaler, train_images, train_labels, generator, config,
-                                  device, budget, f"epoch {epoch + 1}/{config.epochs}")
-        tested = evaluate(forward, test_images, test_labels, config, device)
+        trained = train_one_epoch(stepped, optimizer, scaler, train_images, train_labels, generator, config,
+                                  device, budget, f"epoch {epoch + 1}/{config.epochs}", ranks)
+        ranks.broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same model
+        tested = evaluate(evaluated, test_images, test_labels, config, device, ranks)
         scheduler.step()
         epoch, step = epoch + 1, step + trained["steps"]
         history.append({
@@ -121,14 +145,16 @@ def train(config):
             "epoch_time_s": time.perf_counter() - start, "train_time_s": trained["seconds"],
             "images_per_s": trained["images"] / trained["seconds"], "steps": trained["steps"],
         })
-        save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": _rng_state(generator, device), "epoch": epoch, "step": step, "history": history,
-            "config": config.to_dict(),
-        })
-        write_logs(out, history)
-        print(epoch_line(history[-1]), file=sys.stderr)
+        if ranks.is_main:
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": _rng_state(generator, device), "epoch": epoch, "step": step, "history": history,
+                "config": config.to_dict(),
+            })
+            write_logs(out, history)
+            print(epoch_line(history[-1]), file=sys.stderr)
     final = {**history[-1], "test_error": 100 * (1 - history[-1]["test_acc"]), **facts} if history else facts
-    write_json(out / "final.json", final)
+    if ranks.is_main:
+        write_json(out / "final.json", final)
     return final

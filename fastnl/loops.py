@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastnl.data import augment, epoch_batches, normalize
+from fastnl.data import augment, draw_augmentation, epoch_batches, normalize, shard
+from fastnl.distributed import Ranks
 
 CHECK_EVERY = 20
 
@@ -35,19 +36,26 @@ def _inputs(images, dataset, channels_last):
 
 
 def train_one_epoch(model, optimizer, scaler, images, labels, generator, config, device, step_budget,
-                    description):
-    """SGD over one epoch (at most `step_budget` steps) -> dict of loss, acc, steps, images, seconds."""
+                    description, ranks=Ranks()):
+    """SGD over one epoch (at most `step_budget` steps) -> dict of loss, acc, steps, images, seconds.
+
+    Every rank walks the same global batches and takes its shard of each; loss,
+    accuracy and the image count are summed over ranks, so all ranks see the same
+    numbers and stop together on a non-finite loss.
+    """
     model.train()
-    batches = epoch_batches(len(labels), config.batch_size, generator, shuffle=True)
+    batches = epoch_batches(len(labels), config.batch_size, generator, shuffle=True, world_size=ranks.world_size)
     batches = batches[:step_budget] if step_budget is not None else batches
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen, start = 0, time.perf_counter()
-    progress = tqdm(batches, desc=description, file=sys.stderr, mininterval=2, disable=None,
-                    unit="batch", leave=False)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, images
+    start = time.perf_counter()
+    progress = tqdm(batches, desc=description, file=sys.stderr, mininterval=2,
+                    disable=None if ranks.is_main else True, unit="batch", leave=False)
     for step, index in enumerate(progress, start=1):
-        index = index.to(device)
-        inputs = _inputs(augment(images[index], generator), config.dataset, config.channels_last)
+        offsets, flips = draw_augmentation(len(index), generator)
+        mine = slice(ranks.rank, None, ranks.world_size)
+        index = shard(index, ranks.rank, ranks.world_size).to(device)
+        inputs = _inputs(augment(images[index], offsets[:, mine], flips[mine]), config.dataset,
+                         config.channels_last)
         targets = labels[index]
         with autocast(device, config.amp):
             logits = model(inputs)
@@ -56,29 +64,36 @@ def train_one_epoch(model, optimizer, scaler, images, labels, generator, config,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach().float() * len(targets)
-        correct += (logits.argmax(1) == targets).sum()
-        seen += len(targets)
+        totals += torch.stack([loss.detach().double() * len(targets), (logits.argmax(1) == targets).sum(),
+                               totals.new_tensor(len(targets))])
         if step % CHECK_EVERY == 0 or step == len(batches):
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"training loss became {mean_loss} at step {step} of this epoch")
-            progress.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", refresh=False)
+            loss_sum, correct, seen = ranks.sum(totals).tolist()
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLoss(f"training loss became {loss_sum / seen} at step {step} of this epoch")
+            progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1),
-            "steps": len(batches), "images": seen, "seconds": seconds}
+    loss_sum, correct, seen = ranks.sum(totals).tolist()
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "steps": len(batches),
+            "images": int(seen), "seconds": seconds}
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, config, device):
-    """-> dict of mean loss and accuracy of `model` on the whole split, in eval mode."""
+def evaluate(model, images, labels, config, device, ranks=Ranks()):
+    """-> dict of mean loss and accuracy of `model` on the whole split, in eval mode.
+
+    Each rank evaluates its shard of every batch; the sums are all-reduced, so the
+    result is the whole test set's. `model` must not be the DDP wrapper (no
+    collectives here but the final sum, and shards may differ in length).
+    """
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
     for index in epoch_batches(len(labels), config.batch_size, None, shuffle=False):
-        index = index.to(device)
+        index = shard(index, ranks.rank, ranks.world_size).to(device)
+        if not len(index):
+            continue
         with autocast(device, config.amp):
             logits = model(_inputs(images[index], config.dataset, config.channels_last))
-        loss_sum += F.cross_entropy(logits.float(), labels[index], reduction="sum")
-        correct += (logits.argmax(1) == labels[index]).sum()
-    return {"loss": loss_sum.item() / len(labels), "acc": correct.item() / len(labels)}
+        totals += torch.stack([F.cross_entropy(logits.float(), labels[index], reduction="sum").double(),
+                               (logits.argmax(1) == labels[index]).sum().double()])
+    loss_sum, correct = ranks.sum(totals).tolist()
+    return {"loss": loss_sum / len(labels), "acc": correct / len(labels)}

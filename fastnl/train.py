@@ -3,6 +3,7 @@
     python -m fastnl.train --data-dir DATA --preset proposed-3 --out runs/proposed-3
     python -m fastnl.train --data-dir DATA --placement "original:2@2.2" --epochs 10 --out runs/x
     python -m fastnl.train --data-dir DATA --preset proposed-3 --out runs/proposed-3 --resume
+    torchrun --standalone --nproc_per_node=4 -m fastnl.train --data-dir DATA --preset proposed-3 --sync-bn
 
 The command line only fills a TrainConfig; `fastnl.engine.train` does the work.
 """
@@ -51,7 +52,9 @@ def parser():
     p.add_argument("--lr", type=float, default=default.lr)
     p.add_argument("--momentum", type=float, default=default.momentum)
     p.add_argument("--weight-decay", type=float, default=default.weight_decay)
-    p.add_argument("--batch-size", type=int, default=default.batch_size)
+    p.add_argument("--batch-size", type=int, default=default.batch_size,
+                   help="the global batch: under torchrun each of K ranks takes batch-size / K, so lr "
+                        "stays as it is; if you scale the global batch by k, scale --lr by k (Goyal et al.)")
     p.add_argument("--milestones", type=_ints, default=default.milestones,
                    help="comma-separated epochs after which lr is multiplied by --gamma")
     p.add_argument("--gamma", type=float, default=default.gamma)
@@ -60,6 +63,9 @@ def parser():
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype (GPU)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, the "
+                        "nonlocal blocks' too), not each rank's shard")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--train-subset", type=int, default=None,
                    help="train on N images (a seeded random subset) for quick runs")
@@ -75,15 +81,23 @@ def config_from_args(args):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from fastnl.engine import train  # after parsing, so --help stays fast
+    from fastnl.distributed import Ranks  # after parsing, so --help stays fast
+    from fastnl.engine import train
 
+    ranks = Ranks.from_environment()
     try:
         final = train(config_from_args(args))
     except NonFiniteLoss as error:
-        print(f"fastnl.train: stopped: {error}. Lower --lr or check the data; the last good "
-              f"checkpoint (if any) is kept.", file=sys.stderr)
+        if ranks.is_main:  # every rank stops at the same step; one message is enough
+            print(f"fastnl.train: stopped: {error}. Lower --lr or check the data; the last good "
+                  f"checkpoint (if any) is kept.", file=sys.stderr)
         return EXIT_NON_FINITE
-    if "test_acc" in final:
+    except Exception as error:
+        if ranks.launched:  # torchrun then stops the other ranks; say which one failed and why
+            print(f"fastnl.train: rank {ranks.rank} of {ranks.world_size} failed "
+                  f"({type(error).__name__}: {error}); stopping the job", file=sys.stderr)
+        raise
+    if ranks.is_main and "test_acc" in final:
         print(f"final epoch {final['epoch']}: test accuracy {final['test_acc']:.4f} "
               f"(error {final['test_error']:.2f}%)")
     return 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
-from fastnl.data import PAD, augment, epoch_batches, load_dataset, normalize
+from fastnl.data import PAD, augment, draw_augmentation, epoch_batches, load_dataset, normalize, shard
 
 
 def test_image_folder_and_cache(image_folder, tmp_path):
@@ -33,21 +33,41 @@ def test_missing_data_without_network_is_a_clear_error(tmp_path, monkeypatch):
         load_dataset("cifar10", tmp_path, train=True)
 
 
-def test_augment_is_a_seeded_crop_or_flip_of_each_image():
+def test_augment_crops_and_flips_each_image_as_drawn():
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    out = augment(images, torch.Generator().manual_seed(0))
+    offsets, flips = draw_augmentation(6, torch.Generator().manual_seed(0))
+    assert flips.any() and not flips.all()  # this seed exercises both branches
+    out = augment(images, offsets, flips)
     assert out.shape == images.shape and out.dtype == images.dtype
-    assert torch.equal(out, augment(images, torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(images, (PAD,) * 4)
-    for image, source in zip(out, padded):
-        offsets = range(2 * PAD + 1)
-        crops = [source[:, dy:dy + 32, dx:dx + 32] for dy in offsets for dx in offsets]
-        assert any(torch.equal(image, crop) or torch.equal(image, crop.flip(2)) for crop in crops)
-    floats = augment(images.float(), torch.Generator().manual_seed(0))
-    assert floats.dtype == torch.float32 and torch.equal(floats, out.float())
+    for image, source, (dy, dx), flip in zip(out, padded, offsets.T.tolist(), flips):
+        crop = source[:, dy:dy + 32, dx:dx + 32]
+        assert torch.equal(image, crop.flip(2) if flip else crop)
+    assert torch.equal(augment(images.float(), offsets, flips), out.float())
 
 
-def test_normalize_and_sharding():
+def test_draws_are_seeded():
+    first, second = (draw_augmentation(8, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_normalize():
     assert normalize(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), "cifar10").dtype == torch.float32
-    shards = [torch.cat(epoch_batches(10, 3, torch.Generator().manual_seed(0), True, rank, 2)) for rank in (0, 1)]
-    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+
+
+def test_training_batches_shard_evenly_over_ranks():
+    # 10 samples on 4 ranks: padded to 12 with the first two indices again, 3 batches of 4
+    batches = epoch_batches(10, 4, torch.Generator().manual_seed(0), True, world_size=4)
+    assert [len(batch) for batch in batches] == [4, 4, 4]
+    order = torch.cat(batches)
+    assert sorted(order[:10].tolist()) == list(range(10)) and torch.equal(order[10:], order[:2])
+    parts = [[shard(batch, rank, 4) for batch in batches] for rank in range(4)]
+    assert all([len(part) for part in rank_parts] == [1, 1, 1] for rank_parts in parts)
+    assert sorted(torch.cat([torch.cat(rank_parts) for rank_parts in parts]).tolist()) == sorted(order.tolist())
+    # one process: the plain permutation, unpadded, as before sharding existed
+    alone = torch.cat(epoch_batches(10, 4, torch.Generator().manual_seed(0), True))
+    assert torch.equal(alone, torch.randperm(10, generator=torch.Generator().manual_seed(0)))
+
+
+def test_evaluation_batches_are_never_padded():
+    assert torch.equal(torch.cat(epoch_batches(10, 4, None, False, world_size=4)), torch.arange(10))
