@@ -109,9 +109,14 @@ class ValueBranch(nn.Module):
         return (_positions(self.pool(g)) if self.pool is not None else center), center
 
     def project(self, y, like):
-        """(B, N, C') -> W_z y with the spatial shape of `like`."""
+        """(B, N, C') -> W_z y with the spatial shape of `like`.
+
+        The transposed view is channels-last; for a contiguous `like` it is copied to
+        contiguous, so W_z's weight gradient gets its parameter's strides (DDP copies,
+        and warns about, gradients whose strides differ from its buckets').
+        """
         y = y.transpose(1, 2).reshape(like.shape[0], -1, *like.shape[2:])
-        y = self.W_z(y)
+        y = self.W_z(y.contiguous() if like.is_contiguous() else y)
         return self.bn(y) if self.bn is not None else y
 
     def weight_product(self):
