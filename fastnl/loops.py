@@ -35,6 +35,31 @@ def _inputs(images, dataset, channels_last):
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
+class _Lines:
+    """A text stream for tqdm when stderr is not a terminal: each refresh becomes one
+    plain line (no carriage returns piling up in a log file), blank refreshes vanish."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def _progress_bar(batches, description, enabled):
+    """tqdm on stderr: redrawn in place every 2 s on a terminal; piped, a line every 30 s."""
+    if sys.stderr.isatty():
+        return tqdm(batches, desc=description, file=sys.stderr, mininterval=2, disable=not enabled,
+                    unit="batch", leave=False)
+    return tqdm(batches, desc=description, file=_Lines(sys.stderr), mininterval=30, disable=not enabled,
+                unit="batch", leave=False, ascii=True, ncols=100)
+
+
 def train_one_epoch(model, optimizer, scaler, images, labels, generator, config, device, step_budget,
                     description, ranks=Ranks()):
     """SGD over one epoch (at most `step_budget` steps) -> dict of loss, acc, steps, images, seconds.
@@ -48,8 +73,7 @@ def train_one_epoch(model, optimizer, scaler, images, labels, generator, config,
     batches = batches[:step_budget] if step_budget is not None else batches
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, images
     start = time.perf_counter()
-    progress = tqdm(batches, desc=description, file=sys.stderr, mininterval=2,
-                    disable=None if ranks.is_main else True, unit="batch", leave=False)
+    progress = _progress_bar(batches, description, enabled=ranks.is_main)
     for step, index in enumerate(progress, start=1):
         offsets, flips = draw_augmentation(len(index), generator)
         mine = slice(ranks.rank, None, ranks.world_size)

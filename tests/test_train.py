@@ -1,6 +1,8 @@
 """python -m fastnl.train end to end on tiny generated data: logs, resume, NaN stop."""
 import csv
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -67,3 +69,13 @@ def test_non_finite_loss_stops(image_folder, tmp_path, capsys):
     code = main(["--data-dir", str(image_folder), "--out", str(tmp_path), *QUICK, "--lr", "1e30"])
     assert code == EXIT_NON_FINITE
     assert "stopped: training loss became" in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal_and_piped(image_folder, tmp_path, capsys, monkeypatch):
+    arguments = ["--data-dir", str(image_folder), *QUICK, "--epochs", "1"]
+    main([*arguments, "--out", str(tmp_path / "piped")])
+    piped = capsys.readouterr().err  # captured: not a terminal
+    assert re.search(r"^epoch 1/1: +0%\|", piped, re.M) and "\r" not in piped  # plain lines for a log file
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    main([*arguments, "--out", str(tmp_path / "terminal")])
+    assert "\repoch 1/1: " in capsys.readouterr().err  # redrawn in place
