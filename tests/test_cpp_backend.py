@@ -154,6 +154,15 @@ def test_logits_of_ten_thousand_stay_finite():
     torch.testing.assert_close(outputs[0].double(), truth[0], **FLOAT32_TOLERANCE)
 
 
+def test_denormal_mode_is_restored_after_the_kernels():
+    # the softmax kernels flush denormals on their threads (tile_math.h, FlushDenormals);
+    # the caller's thread, which runs a share of the work, must get its mode back
+    inputs = make_inputs((2, 90, 70, 8, 16), "softmax", torch.float32, magnitude=30.0)
+    forward_backward("diffuse", inputs, "softmax", "cpp")
+    tiny = torch.tensor([1e-39])  # a denormal float32
+    assert (tiny * 2).item() == pytest.approx(2e-39, rel=1e-6)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("where", [0, 1, 2], ids=["query", "key", "value"])
 def test_nan_in_gives_nan_out(kernel, where):

@@ -8,6 +8,7 @@
 // accumulates dQ for its rows and dK^T, dV^T for all keys into its own slot of a
 // (B, groups, D + E, M) buffer, summed afterwards in group order. The grouping
 // depends on the shape only, so results are bitwise identical for any thread count.
+// Every work item runs with denormals flushed to zero (tile_math.h, FlushDenormals).
 #include "ops.h"
 #include "tile_math.h"
 
@@ -116,6 +117,7 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   const int64_t tile_width = padded<T>(std::min(kForwardKeyTile, M));
   const int64_t query_tiles = (N + kForwardQueryTile - 1) / kForwardQueryTile;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     std::vector<T> scaled_query(kForwardQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
     std::vector<T> logits(kForwardQueryTile * tile_width), acc(kForwardQueryTile * value_width);
     std::vector<T> row_max(kForwardQueryTile), correction(kForwardQueryTile), tile_max(kForwardQueryTile);
@@ -181,6 +183,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   std::vector<T> partial(s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     std::vector<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
     std::vector<T> key_t(D * tile_width), value_t(E * tile_width), key_rows(tile_width * depth_width);
     std::vector<T> probs(kBackwardQueryTile * tile_width), grad_logits(kBackwardQueryTile * tile_width);
@@ -248,6 +251,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
 
   // sum the groups in order and transpose back: (D + E, M) -> (M, D), (M, E)
   at::parallel_for(0, s.batch * (D + E), 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     std::vector<T> total(M);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (D + E), channel = item % (D + E);

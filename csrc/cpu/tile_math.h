@@ -12,6 +12,10 @@
 #include <limits>
 #include <type_traits>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 namespace fastnl {
 
 template <typename T>
@@ -58,6 +62,30 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
     return x.exp();
   }
 }
+
+// Flush-to-zero and denormals-are-zero on this thread while in scope (x86; elsewhere
+// nothing). A trained affinity is sharp: many shifted logits fall below -87, where
+// e^x is a denormal float, and on x86 every instruction that reads or writes a
+// denormal takes a microcode assist. Measured: the softmax fwd+bwd at logit scale 10
+// ran 13x slower, and a PreResNet-20 with a 3-block stage trained at half speed from
+// its second epoch. Values below 1.2e-38 then count as 0, far below float32's
+// resolution of the row sums (>= 1) they are added to. Worker threads are pooled, so
+// the previous mode is restored on exit.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned int kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+  unsigned int saved_;
+#else
+  FlushDenormals() = default;
+#endif
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
 
 // dst (cols, ld) = src (rows, cols) transposed, columns rows..ld zero.
 template <typename T>
