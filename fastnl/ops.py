@@ -4,6 +4,11 @@ Three forward ops (softmax with and without known row statistics, dot, concat) a
 their backward ops. Each takes the backend's name and calls that module
 (`fastnl.backends`); the ops own the contract with PyTorch (shapes, autograd,
 torch.compile), the backends own the arithmetic.
+
+Layout contract: the ops take inputs of any strides (they hand the backends contiguous
+copies where needed) and return contiguous tensors, and the fake kernels say exactly
+that. Inductor checks the real strides against the fake ones, and the tensors a module
+passes in are transposed views.
 """
 from typing import Optional
 
@@ -18,7 +23,12 @@ def _stats_dtype(dtype):
 
 
 def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _empty(*tensors):
+    """Contiguous tensors shaped like `tensors`: what the backward ops return."""
+    return tuple(t.new_empty(t.shape) for t in tensors)
 
 
 # --- softmax ---------------------------------------------------------------------
@@ -29,7 +39,8 @@ def softmax_forward(
     query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(out, lse): out_i = sum_j softmax_j(scale q_i.k_j) v_j [- c_i]; lse (B, N) row log-sum-exp."""
-    return backends.get(backend).softmax_forward(*_contiguous(query, key, value, center), None, scale)
+    args = _contiguous(query, key, value, center)
+    return _contiguous(*backends.get(backend).softmax_forward(*args, None, scale))
 
 
 @softmax_forward.register_fake
@@ -45,7 +56,7 @@ def softmax_forward_with_stats(
 ) -> Tensor:
     """As softmax_forward, with the row log-sum-exp already known: a single pass."""
     args = _contiguous(query, key, value, center, log_normalizer)
-    return backends.get(backend).softmax_forward(*args, scale)[0]
+    return backends.get(backend).softmax_forward(*args, scale)[0].contiguous()
 
 
 @softmax_forward_with_stats.register_fake
@@ -60,12 +71,12 @@ def softmax_backward(
     out: Tensor, log_normalizer: Tensor, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = _contiguous(grad_out, query, key, value, center, out, log_normalizer)
-    return backends.get(backend).softmax_backward(*args, scale)
+    return _contiguous(*backends.get(backend).softmax_backward(*args, scale))
 
 
 @softmax_backward.register_fake
 def _(grad_out, query, key, value, center, out, log_normalizer, scale, backend):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return _empty(query, key, value)
 
 
 def _softmax_grads(ctx, grad_out, out, log_normalizer):
@@ -118,12 +129,12 @@ def _define_linear_kernel(name):
     def forward_impl(query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float,
                      backend: str) -> tuple[Tensor, Tensor]:
         function = getattr(backends.get(backend), f"{name}_forward")
-        return function(*_contiguous(query, key, value, center), scale)
+        return _contiguous(*function(*_contiguous(query, key, value, center), scale))
 
     def backward_impl(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor],
                       scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         function = getattr(backends.get(backend), f"{name}_backward")
-        return function(*_contiguous(grad_out, query, key, value, center), scale)
+        return _contiguous(*function(*_contiguous(grad_out, query, key, value, center), scale))
 
     forward_op = torch.library.custom_op(f"fastnl::{name}_forward", forward_impl, mutates_args=())
     backward_op = torch.library.custom_op(f"fastnl::{name}_backward", backward_impl, mutates_args=())
@@ -135,7 +146,7 @@ def _define_linear_kernel(name):
 
     @backward_op.register_fake
     def _(grad_out, query, key, value, center, scale, backend):
-        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        return _empty(query, key, value)
 
     def setup_context(ctx, inputs, output):
         query, key, value, center, scale, backend = inputs

@@ -42,6 +42,27 @@ def test_opcheck_backward_ops(backend):
         torch.library.opcheck(op, (grad, query, key, value, center, 0.5, backend))
 
 
+def _transposed(tensor):
+    """The same values in a (B, N, C) view of a (B, C, N) tensor, as a module passes them."""
+    return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck_ops_on_transposed_inputs(backend):
+    # the fake kernels must give the real outputs' strides for any input strides
+    query, key, value, center = (_transposed(t) for t in sample("softmax", requires_grad=False))
+    assert not query.is_contiguous()
+    out, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
+    grad = _transposed(torch.randn_like(out))
+    torch.library.opcheck(ops.softmax_forward, (query, key, value, center, 0.5, backend))
+    torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, lse, 0.5, backend))
+    for kernel, forward, backward in [("dot", ops.dot_forward, ops.dot_backward),
+                                      ("concat", ops.concat_forward, ops.concat_backward)]:
+        query, key, value, center = (_transposed(t) for t in sample(kernel, requires_grad=False))
+        torch.library.opcheck(forward, (query, key, value, center, 0.5, backend))
+        torch.library.opcheck(backward, (grad, query, key, value, center, 0.5, backend))
+
+
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
 def test_compile_fullgraph_has_no_graph_break(mode):
     """A stage under torch.compile(fullgraph=True): forward and backward match eager."""
@@ -58,12 +79,21 @@ def test_compile_fullgraph_has_no_graph_break(mode):
     torch.testing.assert_close(compiled_grad, eager_grad)
 
 
-def test_compile_with_inductor():
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product"])
+def test_compile_with_inductor_forward_and_backward(mode):
+    # inductor checks every custom op's real output strides against its fake kernel's
     torch._dynamo.reset()
-    block = fastnl.NonlocalBlock(8, mode="embedded_gaussian")
-    torch.nn.init.normal_(block.branches[0].bn.weight)
-    x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x))
+    stage = fastnl.NonlocalStage(8, num_blocks=2, mode=mode).double()  # float64: no reordering noise
+    for branch in stage.branches:
+        torch.nn.init.normal_(branch.bn.weight)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    eager_out = stage(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *stage.parameters()])
+    compiled_out = torch.compile(stage, fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled_out.square().sum(), [x, *stage.parameters()])
+    torch.testing.assert_close(compiled_out, eager_out)
+    for compiled, eager in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_statistics_output_is_not_differentiable():
