@@ -48,7 +48,7 @@ def test_diffuse_forward_backward(benchmark, implementation):
     _record(benchmark, implementation)
 
 
-@pytest.mark.parametrize("implementation", ["cpp", "sdpa"])
+@pytest.mark.parametrize("implementation", ["cpp", "sdpa", "torch"])
 def test_sharp_affinity(benchmark, implementation):
     """Queries x 10: logits spread over hundreds, as in a trained block, so most shifted
     logits fall below -87 where e^x is a denormal float (slow unless flushed)."""
