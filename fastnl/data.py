@@ -145,26 +145,26 @@ def shard(batch, rank, world_size):
 
 
 def draw_augmentation(batch_size, generator):
-    """The random crop offsets (2, B) and flips (B,) of one global batch, drawn on the CPU.
+    """The random crop offsets (B, 2: row, column) and flips (B,) of one global batch, drawn on the CPU.
 
-    Drawn for the whole global batch on every rank (then sharded like the batch), so a
-    run on K ranks sees exactly the augmentation a run on one process sees.
+    Drawn for the whole global batch on every rank, then cut with `shard` like the
+    batch, so a run on K ranks sees exactly the augmentation a run on one process sees.
     """
-    offsets = torch.randint(0, 2 * PAD + 1, (2, batch_size), generator=generator)
+    offsets = torch.randint(0, 2 * PAD + 1, (2, batch_size), generator=generator).T
     flips = torch.rand(batch_size, generator=generator) < 0.5
     return offsets, flips
 
 
 def augment(images, offsets, flips):
-    """Pad-4 crop at `offsets` (2, B) and horizontal flip where `flips` (B,) of a batch (B, C, H, W).
+    """Pad-4 crop at `offsets` (B, 2) and horizontal flip where `flips` (B,) of a batch (B, C, H, W).
 
     Any dtype and device; one gather, no per-sample Python.
     """
     batch, _, height, width = images.shape
     offsets, flips = offsets.to(images.device), flips.to(images.device)
     padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-    rows = offsets[0, :, None] + torch.arange(height, device=images.device)
-    cols = offsets[1, :, None] + torch.arange(width, device=images.device)
+    rows = offsets[:, 0, None] + torch.arange(height, device=images.device)
+    cols = offsets[:, 1, None] + torch.arange(width, device=images.device)
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
     channel_index = torch.arange(images.shape[1], device=images.device)[None, :, None, None]

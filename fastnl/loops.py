@@ -75,11 +75,10 @@ def train_one_epoch(model, optimizer, scaler, images, labels, generator, config,
     start = time.perf_counter()
     progress = _progress_bar(batches, description, enabled=ranks.is_main)
     for step, index in enumerate(progress, start=1):
-        offsets, flips = draw_augmentation(len(index), generator)
-        mine = slice(ranks.rank, None, ranks.world_size)
+        offsets, flips = (shard(drawn, ranks.rank, ranks.world_size)
+                          for drawn in draw_augmentation(len(index), generator))
         index = shard(index, ranks.rank, ranks.world_size).to(device)
-        inputs = _inputs(augment(images[index], offsets[:, mine], flips[mine]), config.dataset,
-                         config.channels_last)
+        inputs = _inputs(augment(images[index], offsets, flips), config.dataset, config.channels_last)
         targets = labels[index]
         with autocast(device, config.amp):
             logits = model(inputs)

@@ -40,7 +40,7 @@ def test_augment_crops_and_flips_each_image_as_drawn():
     out = augment(images, offsets, flips)
     assert out.shape == images.shape and out.dtype == images.dtype
     padded = torch.nn.functional.pad(images, (PAD,) * 4)
-    for image, source, (dy, dx), flip in zip(out, padded, offsets.T.tolist(), flips):
+    for image, source, (dy, dx), flip in zip(out, padded, offsets.tolist(), flips):
         crop = source[:, dy:dy + 32, dx:dx + 32]
         assert torch.equal(image, crop.flip(2) if flip else crop)
     assert torch.equal(augment(images.float(), offsets, flips), out.float())
