@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 namespace fastnl {
 namespace {
@@ -118,10 +117,10 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   const int64_t query_tiles = (N + kForwardQueryTile - 1) / kForwardQueryTile;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    std::vector<T> scaled_query(kForwardQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
-    std::vector<T> logits(kForwardQueryTile * tile_width), acc(kForwardQueryTile * value_width);
-    std::vector<T> row_max(kForwardQueryTile), correction(kForwardQueryTile), tile_max(kForwardQueryTile);
-    std::vector<T> row_sums(kForwardQueryTile * Vec<T>::size());
+    Buffer<T> scaled_query(kForwardQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
+    Buffer<T> logits(kForwardQueryTile * tile_width), acc(kForwardQueryTile * value_width);
+    Buffer<T> row_max(kForwardQueryTile), correction(kForwardQueryTile), tile_max(kForwardQueryTile);
+    Buffer<T> row_sums(kForwardQueryTile * Vec<T>::size());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / query_tiles, q0 = (item % query_tiles) * kForwardQueryTile;
       const int64_t rows = std::min(kForwardQueryTile, N - q0);
@@ -169,7 +168,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                      const T* center, const T* out, const T* lse, T* grad_query, T* grad_key, T* grad_value,
                      T scale) {
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
-  const int64_t key_stride = padded<T>(M), depth_width = padded<T>(D);
+  const int64_t key_stride = row_stride<T>(M), depth_width = padded<T>(D);
   const int64_t tile_width = padded<T>(std::min(kBackwardKeyTile, M));
   const int64_t query_tiles = (N + kBackwardQueryTile - 1) / kBackwardQueryTile;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / std::max<int64_t>(1, s.batch));
@@ -180,13 +179,13 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   constexpr bool kLaneGradQuery = DEPTH == 8 && Vec<T>::size() == 16;
   const int64_t grad_q_width = kLaneGradQuery ? D : depth_width;
   // (B, groups, D + E, M padded): each group's dK^T and dV^T
-  std::vector<T> partial(s.batch * groups * (D + E) * key_stride);
+  Buffer<T> partial(s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    std::vector<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
-    std::vector<T> key_t(D * tile_width), value_t(E * tile_width), key_rows(tile_width * depth_width);
-    std::vector<T> probs(kBackwardQueryTile * tile_width), grad_logits(kBackwardQueryTile * tile_width);
+    Buffer<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
+    Buffer<T> key_t(D * tile_width), value_t(E * tile_width), key_rows(tile_width * depth_width);
+    Buffer<T> probs(kBackwardQueryTile * tile_width), grad_logits(kBackwardQueryTile * tile_width);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, r0 = (item % groups) * group_rows;
       const int64_t rows_in_group = std::min(group_rows, N - r0);
@@ -252,7 +251,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   // sum the groups in order and transpose back: (D + E, M) -> (M, D), (M, E)
   at::parallel_for(0, s.batch * (D + E), 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    std::vector<T> total(M);
+    Buffer<T> total(M);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (D + E), channel = item % (D + E);
       std::fill(total.begin(), total.end(), T(0));

@@ -8,9 +8,12 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -21,6 +24,27 @@ namespace fastnl {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Scratch memory on cache-line boundaries. std::vector's 16-byte alignment would make
+// most 64-byte vector loads straddle two lines, each costing two load slots: the
+// small-width products of the kernels are load-bound, and ran at half speed.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlignment{64};
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), kAlignment)); }
+  void deallocate(T* pointer, std::size_t) { ::operator delete(pointer, kAlignment); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, CacheLineAllocator<T>>;
+
 inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
@@ -29,6 +53,15 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
 template <typename T>
 inline int64_t padded(int64_t width) {
   return round_up(width, Vec<T>::size());
+}
+
+// A row stride of at least `width` elements, padded to whole vectors and kept off
+// multiples of 1 KiB: rows 4 KiB apart fall into the same L1 set, so a tile's few
+// dozen packed rows would evict each other (8-way to 12-way caches).
+template <typename T>
+inline int64_t row_stride(int64_t width) {
+  const int64_t stride = padded<T>(width);
+  return (stride * static_cast<int64_t>(sizeof(T))) % 1024 == 0 ? stride + Vec<T>::size() : stride;
 }
 
 // e^x for the shifted logits of the softmax kernels (x <= ~0), the hot spot of the
