@@ -1,8 +1,9 @@
 // The softmax kernel, flash style: query tiles x key tiles, online softmax, only the
 // row log-sum-exp kept for the backward, tiles recomputed there; no N x M buffer.
 //
-// Forward: one work item per (batch, query tile) owns its rows' running max, sum and
-// output accumulator across all key tiles. With a known log_normalizer (a stage's
+// Forward: K^T (and V, if its rows are not whole vectors) are packed once per batch
+// element; then one work item per (batch, query tile) owns its rows' running max, sum
+// and output accumulator across all key tiles. With a known log_normalizer (a stage's
 // later blocks) it is a single pass without rescaling.
 // Backward: one work item per (batch, query group) walks the key tiles once and
 // accumulates dQ for its rows and dK^T, dV^T for all keys into its own slot of a
@@ -24,7 +25,7 @@ namespace fastnl {
 namespace {
 
 // rows x keys per tile; measured on B=16, N=1024, D=8, E=16 (benchmarks/test_cpp_bench.py)
-constexpr int64_t kForwardQueryTile = 64;
+constexpr int64_t kForwardQueryTile = 32;
 constexpr int64_t kForwardKeyTile = 256;
 constexpr int64_t kBackwardQueryTile = 32;
 constexpr int64_t kBackwardKeyTile = 128;
@@ -112,12 +113,23 @@ template <typename T, int DEPTH>
 void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center,
                     const T* known_lse, T* out, T* lse, T scale) {
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
-  const int64_t value_width = padded<T>(E);
+  const int64_t value_width = padded<T>(E), key_stride = row_stride<T>(M);
   const int64_t tile_width = padded<T>(std::min(kForwardKeyTile, M));
   const int64_t query_tiles = (N + kForwardQueryTile - 1) / kForwardQueryTile;
+  // K^T (B, D, M padded), and V with vector-padded rows unless E is whole vectors,
+  // packed once: every query tile of a batch element reads them
+  const bool pad_values = value_width != E;
+  Buffer<T> key_t(s.batch * D * key_stride), padded_values(pad_values ? s.batch * M * value_width : 0);
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      pack_transposed(key + b * M * D, M, D, key_t.data() + b * D * key_stride, key_stride);
+      if (pad_values) pack_rows(value + b * M * E, M, E, padded_values.data() + b * M * value_width, value_width);
+    }
+  });
+  const T* value_rows = pad_values ? padded_values.data() : value;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<T> scaled_query(kForwardQueryTile * D), key_t(D * tile_width), value_rows(tile_width * value_width);
+    Buffer<T> scaled_query(kForwardQueryTile * D);
     Buffer<T> logits(kForwardQueryTile * tile_width), acc(kForwardQueryTile * value_width);
     Buffer<T> row_max(kForwardQueryTile), correction(kForwardQueryTile), tile_max(kForwardQueryTile);
     Buffer<T> row_sums(kForwardQueryTile * Vec<T>::size());
@@ -131,10 +143,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       std::fill(row_sums.begin(), row_sums.end(), T(0));
       for (int64_t k0 = 0; k0 < M; k0 += kForwardKeyTile) {
         const int64_t keys = std::min(kForwardKeyTile, M - k0), width = padded<T>(keys);
-        pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), width);
-        pack_rows(value + (b * M + k0) * E, keys, E, value_rows.data(), value_width);
-        matmul_tile<T, DEPTH>(rows, width, D, scaled_query.data(), D, 1, key_t.data(), width, logits.data(),
-                              width, false);
+        matmul_tile<T, DEPTH>(rows, width, D, scaled_query.data(), D, 1, key_t.data() + b * D * key_stride + k0,
+                              key_stride, logits.data(), width, false);
         mask_padding(logits.data(), rows, keys, width);
         if (known_lse) {
           for (int64_t r = 0; r < rows; ++r) exp_row(logits.data() + r * width, width, known_lse[b * N + q0 + r]);
@@ -148,8 +158,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
               (Vec<T>::loadu(acc_row + c) * Vec<T>(correction[r])).store(acc_row + c);
           }
         }
-        matmul_tile<T>(rows, value_width, keys, logits.data(), width, 1, value_rows.data(), value_width,
-                       acc.data(), value_width, true);
+        matmul_tile<T>(rows, value_width, keys, logits.data(), width, 1, value_rows + (b * M + k0) * value_width,
+                       value_width, acc.data(), value_width, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
