@@ -10,7 +10,7 @@ peak memory of one step (conftest.peak_extra_bytes), and the machine's exp and s
 
 After the timings a summary prints the ratios behind the issue's bars (cpp vs
 reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
-N = 16384) and how close the fused kernel comes to the machine's exp + FLOP bound.
+N = 16384) and the fused kernel's time against its exps and FLOPs at the machine's rates.
 All float32, fastnl's default scale 1; SDPA is given the same scale.
 """
 from time import perf_counter
@@ -116,7 +116,7 @@ def test_peak_memory(benchmark, implementation):
 
 
 def test_machine_throughput(benchmark):
-    """exp/s (torch.exp, vectorised) and sgemm FLOP/s of this machine, for the bound."""
+    """exp/s (torch.exp, vectorised) and sgemm FLOP/s of this machine, for the exp + FLOP estimate."""
     benchmark.group = "machine: exp and sgemm throughput"
     values, exps = torch.randn(1 << 22), torch.empty(1 << 22)
     left, right, product = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
@@ -175,10 +175,15 @@ def _summary_lines():
         exp_seconds = exps / MEDIANS[("machine", "exp/s")]
         flop_seconds = flops / MEDIANS[("machine", "flop/s")]
         measured = MEDIANS[(main, "cpp")]
-        lines.append(f"bound for cpp fwd+bwd: {exps / 1e6:.0f}M exp at {MEDIANS[('machine', 'exp/s')] / 1e9:.2f} G/s "
-                     f"= {exp_seconds * 1e3:.2f} ms + {flops / 1e9:.2f} GFLOP at "
+        lines.append(f"exp + FLOP estimate for cpp fwd+bwd at this machine's torch.exp and sgemm rates: "
+                     f"{exps / 1e6:.0f}M exp at {MEDIANS[('machine', 'exp/s')] / 1e9:.2f} G/s = "
+                     f"{exp_seconds * 1e3:.2f} ms + {flops / 1e9:.2f} GFLOP at "
                      f"{MEDIANS[('machine', 'flop/s')] / 1e9:.0f} GFLOP/s = {flop_seconds * 1e3:.2f} ms; "
-                     f"measured {measured * 1e3:.2f} ms, so the bound is {(exp_seconds + flop_seconds) / measured:.0%} of it")
+                     f"measured {measured * 1e3:.2f} ms = {measured / (exp_seconds + flop_seconds):.0%} of the estimate")
+        # not a floor: the kernels' exp (no overflow handling, 10 vector instructions per
+        # 16 values) is cheaper than torch.exp; the FLOPs alone at the sgemm rate are one
+        lines.append(f"the FLOPs alone at the sgemm rate: {flop_seconds * 1e3:.2f} ms = "
+                     f"{flop_seconds / measured:.0%} of the measured time")
     return lines
 
 
