@@ -199,27 +199,29 @@ inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, 
                                            depth, accumulate);
 }
 
-// sums[v] += the sum of the lanes of vectors[v], for 16 vectors of 16 lanes: a
-// butterfly of 15 interleave-and-add steps instead of 16 separate reductions. After
-// its four levels, lane L holds the sum of vectors[L with its four bits reversed].
+// The lane sums of 16 vectors of 16 lanes, as one vector: lane v = the sum of the
+// lanes of vectors[v]. A butterfly of 15 interleave-and-add steps instead of 16
+// separate reductions; after its four levels, lane L holds the sum of the input at
+// position L with its four bits reversed, so the inputs go in in that order.
 template <typename T>
-inline void add_lane_sums_16(Vec<T> (&vectors)[16], T* sums) {
+inline Vec<T> lane_sums_16(const Vec<T> (&vectors)[16]) {
   static_assert(Vec<T>::size() == 16, "a butterfly over 16 lanes");
+  Vec<T> level[16];
+  for (int v = 0; v < 16; ++v) level[v] = vectors[((v & 1) << 3) | ((v & 2) << 1) | ((v & 4) >> 1) | ((v & 8) >> 3)];
   for (int count = 16; count > 1; count /= 2) {
     for (int i = 0; i < count / 2; ++i) {
-      const auto halves = at::vec::interleave2(vectors[2 * i], vectors[2 * i + 1]);
-      vectors[i] = halves.first + halves.second;
+      const auto halves = at::vec::interleave2(level[2 * i], level[2 * i + 1]);
+      level[i] = halves.first + halves.second;
     }
   }
-  T lanes[16];
-  vectors[0].store(lanes);
-  for (int v = 0; v < 16; ++v) sums[v] += lanes[((v & 1) << 3) | ((v & 2) << 1) | ((v & 4) >> 1) | ((v & 8) >> 3)];
+  return level[0];
 }
 
 // C (rows, 8) += A (rows, width) B^T (width, 8), contracted along the vectors, with
 // width a whole number of vectors: for outputs of 8 floats, where matmul_tile would
 // spend half of every 16-lane vector on padding. Two rows x 8 columns = 16 register
-// accumulators per block, reduced across lanes once per call.
+// accumulators per block, reduced across lanes once per call into the two rows of C
+// (16 consecutive floats) with one vector add.
 template <typename T>
 inline void matmul_lanes_8(int64_t rows, int64_t width, const T* a, int64_t lda, const T* b, int64_t ldb, T* c) {
   constexpr int64_t L = Vec<T>::size();
@@ -236,9 +238,7 @@ inline void matmul_lanes_8(int64_t rows, int64_t width, const T* a, int64_t lda,
         acc[8 + d] = at::vec::fmadd(second, column, acc[8 + d]);
       }
     }
-    T sums[16] = {};
-    add_lane_sums_16(acc, sums);
-    for (int64_t i = 0; i < pair * 8; ++i) c[r * 8 + i] += sums[i];
+    (Vec<T>::loadu(c + r * 8, pair * 8) + lane_sums_16(acc)).store(c + r * 8, pair * 8);
   }
 }
 
