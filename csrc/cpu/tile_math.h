@@ -65,28 +65,31 @@ inline int64_t row_stride(int64_t width) {
 }
 
 // e^x for the shifted logits of the softmax kernels (x <= ~0), the hot spot of the
-// flash loops. float: the range reduction x = n ln2 + r and degree-5 polynomial of
-// PyTorch's exp_u20 (relative error ~1e-6), without its overflow handling, which
-// costs a third of its instructions. On AVX512 one scalef forms p 2^n exactly (0 for
-// x = -inf); elsewhere x is clamped at -87.3 so 2^n stays normal (e^x below that is
-// ~1e-38, not 0). NaN is carried through, so a NaN logit or statistic makes its row
-// NaN as in torch.softmax; the kernels rely on that. double: the accurate exp.
+// flash loops; float relative error ~1e-7, no overflow handling (PyTorch's exp_u20
+// spends a third of its instructions on it). NaN is carried through, so a NaN logit
+// or statistic makes its row NaN as in torch.softmax; the kernels rely on that.
+// AVX512: t = x log2(e) = floor(t) + f; vreduceps gives f in [0, 1) exactly in one
+// instruction, a degree-5 minimax polynomial gives 2^f, and scalef multiplies by
+// 2^floor(t) (0 for x = -inf): 9 vector instructions with the caller's shift.
+// Elsewhere: x = n ln2 + r with exp_u20's polynomial, x clamped at -87.3 so 2^n stays
+// a normal float (e^x below that is ~1e-38, not 0). double: the accurate exp.
 template <typename T>
 inline Vec<T> fast_exp(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    const Vec<float> input = x;
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const Vec<float> f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    Vec<float> poly(0.00187757664f);
+    for (const float coefficient : {0.00898934047f, 0.0558263174f, 0.240153617f, 0.693153073f, 0.999999925f})
+      poly = at::vec::fmadd(poly, f, Vec<float>(coefficient));
+    return _mm512_scalef_ps(poly, t);
 #else
     const Vec<float> input = at::vec::maximum(x, Vec<float>(-87.3f));  // keeps NaN
-#endif
     const Vec<float> n = (input * Vec<float>(1.44269504f)).round();
     const Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693147181f), input);
     Vec<float> poly(0.00828929059f);
     for (const float coefficient : {0.0418978221f, 0.166676521f, 0.499991506f, 0.999999701f, 1.0f})
       poly = at::vec::fmadd(poly, r, Vec<float>(coefficient));
-#if defined(CPU_CAPABILITY_AVX512)
-    return _mm512_scalef_ps(poly, n);
-#else
     using Bits = Vec<int32_t>;
     const Bits two_to_n = (at::vec::convert_to_int_of_same_size(n) + Bits(127)) << Bits(23);
     return poly * at::vec::cast<float>(two_to_n);
