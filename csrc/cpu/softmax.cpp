@@ -1,10 +1,13 @@
 // The softmax kernel, flash style: query tiles x key tiles, online softmax, only the
 // row log-sum-exp kept for the backward, tiles recomputed there; no N x M buffer.
 //
-// Forward: K^T (and V, if its rows are not whole vectors) are packed once per batch
-// element; then one work item per (batch, query tile) owns its rows' running max, sum
-// and output accumulator across all key tiles. With a known log_normalizer (a stage's
-// later blocks) it is a single pass without rescaling.
+// Forward: one work item per (batch, query tile) owns its queries' running max, sum
+// and output accumulator across all key tiles, with the queries along the vector
+// lanes: logits^T (keys, Q) and accumulator^T (E, Q). Both products then run on whole
+// register blocks (q.k reads K's rows in place, p v reads V's), the statistics are
+// per-lane vector operations with no horizontal reductions, and nothing but the
+// query tile is packed. With a known log_normalizer (a stage's later blocks) it is a
+// single pass without rescaling.
 // Backward: one work item per (batch, query group) walks the key tiles once and
 // accumulates dQ for its rows and dK^T, dV^T for all keys into its own slot of a
 // (B, groups, D + E, M) buffer, summed afterwards in group order. The grouping
@@ -25,8 +28,8 @@ namespace fastnl {
 namespace {
 
 // rows x keys per tile; measured on B=16, N=1024, D=8, E=16 (benchmarks/test_cpp_bench.py)
-constexpr int64_t kForwardQueryTile = 32;
-constexpr int64_t kForwardKeyTile = 256;
+constexpr int64_t kForwardQueryTile = 64;
+constexpr int64_t kForwardKeyTile = 128;
 constexpr int64_t kBackwardQueryTile = 32;
 constexpr int64_t kBackwardKeyTile = 128;
 constexpr int64_t kMinWorkItems = 16;  // backward: groups per batch = ceil(16 / B)
@@ -53,121 +56,95 @@ void mask_padding(T* logits, int64_t rows, int64_t keys, int64_t width) {
     std::fill(logits + r * width + keys, logits + (r + 1) * width, -std::numeric_limits<T>::infinity());
 }
 
-// p = exp(logit - shift) in place over a padded row; returns the lane-wise sum of p,
-// left unreduced so the caller can keep per-row sums in vectors.
+// Online softmax over one logits^T tile (keys rows, Q columns): new column maxima, the
+// correction factors of what was accumulated under the old ones, probabilities in
+// place of the logits, running sums. NaN may be skipped by the maxima (clamp_min is a
+// plain max): fast_exp carries it into the sums, so a NaN logit makes its query NaN.
 template <typename T>
-Vec<T> exp_row(T* row, int64_t width, T shift) {
-  const Vec<T> shift_vec(shift);
-  Vec<T> total(T(0));
-  for (int64_t c = 0; c < width; c += Vec<T>::size()) {
-    const Vec<T> p = fast_exp(Vec<T>::loadu(row + c) - shift_vec);
-    p.store(row + c);
-    total = total + p;
+void online_softmax_columns(T* logits, int64_t keys, T* column_max, T* correction, T* column_sum) {
+  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
+  Vec<T> new_max[V], tile_sum[V];
+  for (int v = 0; v < V; ++v) new_max[v] = Vec<T>::loadu(column_max + v * L);
+  for (int64_t j = 0; j < keys; ++j)
+    for (int v = 0; v < V; ++v)
+      new_max[v] = at::vec::clamp_min(new_max[v], Vec<T>::loadu(logits + j * kForwardQueryTile + v * L));
+  for (int v = 0; v < V; ++v) {
+    fast_exp(Vec<T>::loadu(column_max + v * L) - new_max[v]).store(correction + v * L);
+    new_max[v].store(column_max + v * L);
+    tile_sum[v] = Vec<T>(T(0));
   }
-  return total;
+  // the tile's own sums, added to the running ones once: a column's sum is a few short
+  // chains, not one of M terms (float32 error ~ M eps: 6x larger at M = 4096)
+  for (int64_t j = 0; j < keys; ++j)
+    for (int v = 0; v < V; ++v) {
+      T* at = logits + j * kForwardQueryTile + v * L;
+      const Vec<T> p = fast_exp(Vec<T>::loadu(at) - new_max[v]);
+      p.store(at);
+      tile_sum[v] = tile_sum[v] + p;
+    }
+  for (int v = 0; v < V; ++v) {
+    const Vec<T> running = Vec<T>::loadu(column_sum + v * L) * Vec<T>::loadu(correction + v * L);
+    (running + tile_sum[v]).store(column_sum + v * L);
+  }
 }
 
+// p = exp(logit - lse) over a logits^T tile, the columns' lse known.
 template <typename T>
-T reduce_sum(const Vec<T>& lanes) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, lanes);
-}
-
-// Two independent chains: the row maxima are latency-, not throughput-bound. NaN
-// may be skipped here (clamp_min is a plain max): fast_exp carries it into the sums.
-template <typename T>
-T max_row(const T* row, int64_t width) {
-  constexpr int64_t L = Vec<T>::size();
-  Vec<T> even(-std::numeric_limits<T>::infinity()), odd = even;
-  int64_t c = 0;
-  for (; c + 2 * L <= width; c += 2 * L) {
-    even = at::vec::clamp_min(even, Vec<T>::loadu(row + c));
-    odd = at::vec::clamp_min(odd, Vec<T>::loadu(row + c + L));
-  }
-  if (c < width) even = at::vec::clamp_min(even, Vec<T>::loadu(row + c));
-  return at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return at::vec::clamp_min(x, y); },
-                                    at::vec::clamp_min(even, odd));
-}
-
-// Online softmax over one logit tile: new row maxima, the correction factors of what
-// was accumulated under the old ones (computed for all rows at once, as vectors),
-// probabilities in place of the logits, and lane-wise running sums.
-template <typename T>
-void online_softmax_tile(T* logits, int64_t rows, int64_t width, T* row_max, T* correction, T* tile_max,
-                         T* row_sums) {
-  constexpr int64_t L = Vec<T>::size();
-  for (int64_t r = 0; r < rows; ++r) tile_max[r] = max_row(logits + r * width, width);
-  for (int64_t r = 0; r < rows; r += L) {
-    const int64_t count = std::min(L, rows - r);
-    const Vec<T> old_max = Vec<T>::loadu(row_max + r, count);
-    const Vec<T> new_max = at::vec::maximum(old_max, Vec<T>::loadu(tile_max + r, count));
-    fast_exp(old_max - new_max).store(correction + r, count);
-    new_max.store(row_max + r, count);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const Vec<T> tile_sum = exp_row(logits + r * width, width, row_max[r]);
-    (Vec<T>::loadu(row_sums + r * L) * Vec<T>(correction[r]) + tile_sum).store(row_sums + r * L);
-  }
+void known_softmax_columns(T* logits, int64_t keys, const T* column_lse) {
+  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
+  Vec<T> shift[V];
+  for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_lse + v * L);
+  for (int64_t j = 0; j < keys; ++j)
+    for (int v = 0; v < V; ++v) {
+      T* at = logits + j * kForwardQueryTile + v * L;
+      fast_exp(Vec<T>::loadu(at) - shift[v]).store(at);
+    }
 }
 
 template <typename T, int DEPTH>
 void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center,
                     const T* known_lse, T* out, T* lse, T scale) {
+  constexpr int64_t L = Vec<T>::size(), Q = kForwardQueryTile;
+  static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
-  const int64_t value_width = padded<T>(E), key_stride = row_stride<T>(M);
-  const int64_t tile_width = padded<T>(std::min(kForwardKeyTile, M));
-  const int64_t query_tiles = (N + kForwardQueryTile - 1) / kForwardQueryTile;
-  // K^T (B, D, M padded), and V with vector-padded rows unless E is whole vectors,
-  // packed once: every query tile of a batch element reads them
-  const bool pad_values = value_width != E;
-  Buffer<T> key_t(s.batch * D * key_stride), padded_values(pad_values ? s.batch * M * value_width : 0);
-  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      pack_transposed(key + b * M * D, M, D, key_t.data() + b * D * key_stride, key_stride);
-      if (pad_values) pack_rows(value + b * M * E, M, E, padded_values.data() + b * M * value_width, value_width);
-    }
-  });
-  const T* value_rows = pad_values ? padded_values.data() : value;
+  const int64_t query_tiles = (N + Q - 1) / Q;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<T> scaled_query(kForwardQueryTile * D);
-    Buffer<T> logits(kForwardQueryTile * tile_width), acc(kForwardQueryTile * value_width);
-    Buffer<T> row_max(kForwardQueryTile), correction(kForwardQueryTile), tile_max(kForwardQueryTile);
-    Buffer<T> row_sums(kForwardQueryTile * Vec<T>::size());
+    Buffer<T> query_t(D * Q), logits(std::min(kForwardKeyTile, M) * Q), acc(E * Q);
+    Buffer<T> column_max(Q), column_sum(Q), column_lse(Q), correction(Q);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / query_tiles, q0 = (item % query_tiles) * kForwardQueryTile;
-      const int64_t rows = std::min(kForwardQueryTile, N - q0);
-      const T* q = query + (b * N + q0) * D;
-      for (int64_t i = 0; i < rows * D; ++i) scaled_query[i] = q[i] * scale;
+      const int64_t b = item / query_tiles, q0 = (item % query_tiles) * Q;
+      const int64_t rows = std::min(Q, N - q0);
+      pack_transposed(query + (b * N + q0) * D, rows, D, query_t.data(), Q);  // columns rows..Q zero
+      for (auto& x : query_t) x *= scale;
       std::fill(acc.begin(), acc.end(), T(0));
-      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
-      std::fill(row_sums.begin(), row_sums.end(), T(0));
+      std::fill(column_max.begin(), column_max.end(), -std::numeric_limits<T>::infinity());
+      std::fill(column_sum.begin(), column_sum.end(), T(0));
+      if (known_lse) {
+        std::fill(column_lse.begin(), column_lse.end(), T(0));
+        std::copy(known_lse + b * N + q0, known_lse + b * N + q0 + rows, column_lse.begin());
+      }
       for (int64_t k0 = 0; k0 < M; k0 += kForwardKeyTile) {
-        const int64_t keys = std::min(kForwardKeyTile, M - k0), width = padded<T>(keys);
-        matmul_tile<T, DEPTH>(rows, width, D, scaled_query.data(), D, 1, key_t.data() + b * D * key_stride + k0,
-                              key_stride, logits.data(), width, false);
-        mask_padding(logits.data(), rows, keys, width);
+        const int64_t keys = std::min(kForwardKeyTile, M - k0);
+        matmul_tile<T, DEPTH>(keys, Q, D, key + (b * M + k0) * D, D, 1, query_t.data(), Q, logits.data(), Q, false);
         if (known_lse) {
-          for (int64_t r = 0; r < rows; ++r) exp_row(logits.data() + r * width, width, known_lse[b * N + q0 + r]);
+          known_softmax_columns(logits.data(), keys, column_lse.data());
         } else {
-          online_softmax_tile(logits.data(), rows, width, row_max.data(), correction.data(), tile_max.data(),
-                              row_sums.data());
+          online_softmax_columns(logits.data(), keys, column_max.data(), correction.data(), column_sum.data());
           // running maxima changed: rescale what was accumulated under the old ones
-          for (int64_t r = 0; r < rows; ++r) {
-            T* acc_row = acc.data() + r * value_width;
-            for (int64_t c = 0; c < value_width; c += Vec<T>::size())
-              (Vec<T>::loadu(acc_row + c) * Vec<T>(correction[r])).store(acc_row + c);
-          }
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t c = 0; c < Q; c += L) {
+              T* at = acc.data() + e * Q + c;
+              (Vec<T>::loadu(at) * Vec<T>::loadu(correction.data() + c)).store(at);
+            }
         }
-        matmul_tile<T>(rows, value_width, keys, logits.data(), width, 1, value_rows + (b * M + k0) * value_width,
-                       value_width, acc.data(), value_width, true);
+        matmul_tile<T>(E, Q, keys, value + (b * M + k0) * E, 1, E, logits.data(), Q, acc.data(), Q, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
-        const T row_sum = known_lse ? T(1) : reduce_sum(Vec<T>::loadu(row_sums.data() + r * Vec<T>::size()));
-        const T inverse = T(1) / row_sum;
-        for (int64_t e = 0; e < E; ++e)
-          out[i * E + e] = acc[r * value_width + e] * inverse - (center ? center[i * E + e] : T(0));
-        if (!known_lse) lse[i] = row_max[r] + std::log(row_sum);
+        const T inverse = known_lse ? T(1) : T(1) / column_sum[r];
+        for (int64_t e = 0; e < E; ++e) out[i * E + e] = acc[e * Q + r] * inverse - (center ? center[i * E + e] : T(0));
+        if (!known_lse) lse[i] = column_max[r] + std::log(column_sum[r]);
       }
     }
   });
