@@ -171,7 +171,8 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Buffer<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
-    Buffer<T> key_t(D * tile_width), value_t(E * tile_width), key_rows(tile_width * depth_width);
+    Buffer<T> key_t(D * tile_width), value_t(E * tile_width);
+    Buffer<T> key_rows(kLaneGradQuery ? 0 : tile_width * depth_width);  // dQ's K rows, off the lane path
     Buffer<T> probs(kBackwardQueryTile * tile_width), grad_logits(kBackwardQueryTile * tile_width);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, r0 = (item % groups) * group_rows;
