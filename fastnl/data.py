@@ -17,10 +17,14 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
+
+from fastnl._extras import require
+
+require("fastnl's CIFAR data loading", "numpy", "PIL", "tqdm")
+import numpy as np  # noqa: E402  (after the check above)
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 # per-channel mean and std of the training images, in [0, 1]
 STATS = {
@@ -62,6 +66,7 @@ def load_dataset(name, data_dir, train, cache_dir=None):
 
 def _download(name, data_dir):
     """Fetch the official archive with torchvision, or say clearly why there is none."""
+    require(f"downloading {name}", "torchvision")
     from torchvision import datasets
 
     dataset = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100

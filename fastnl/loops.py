@@ -11,7 +11,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from fastnl._extras import require
+
+require("fastnl's training loop", "tqdm")
+from tqdm import tqdm  # noqa: E402  (after the check above)
 
 from fastnl.data import augment, draw_augmentation, epoch_batches, normalize, shard
 from fastnl.distributed import Ranks

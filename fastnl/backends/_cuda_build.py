@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+from fastnl.backends._sources import extension_name, source_dir
+
 # compiled for when no GPU is visible to ask: Ampere (A100) and Hopper (H100)
 DEFAULT_ARCHS = "8.0;9.0"
 
@@ -35,7 +36,8 @@ def cuda_home():
 
 
 def _sources(*names):
-    paths = [SOURCE_DIR / name for name in names]
+    folder = source_dir("cuda")
+    paths = [folder / name for name in names]
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
         raise FileNotFoundError(f"fastnl's C++/CUDA sources are not installed: {missing}")
@@ -53,9 +55,9 @@ def cuda_extension(verbose=False):
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     return cpp_extension.load(
-        name="fastnl_cuda",
+        name=extension_name("fastnl_cuda"),
         sources=_sources("softmax_api.cpp", "softmax_kernels.cu"),
-        extra_include_paths=[str(SOURCE_DIR)],
+        extra_include_paths=[str(source_dir("cuda"))],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3"],
         verbose=verbose,
@@ -66,9 +68,9 @@ def cuda_extension(verbose=False):
 def host_math_extension(verbose=False):
     """nonlocal_math.h built for the CPU (module fastnl_cuda_host_math)."""
     return cpp_extension.load(
-        name="fastnl_cuda_host_math",
+        name=extension_name("fastnl_cuda_host_math"),
         sources=_sources("host_math.cpp"),
-        extra_include_paths=[str(SOURCE_DIR)],
+        extra_include_paths=[str(source_dir("cuda"))],
         extra_cflags=["-O3"],
         verbose=verbose,
     )

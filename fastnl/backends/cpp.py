@@ -17,13 +17,10 @@ rounded once at the end, as in the "torch" backend.
 """
 import functools
 import warnings
-from pathlib import Path
 
 import torch
 
-# fastnl is installed editable (pip install -e .), so csrc/ is found beside the package
-# in the source tree: <repo>/fastnl/backends/cpp.py -> <repo>/csrc
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from fastnl.backends._sources import extension_name, source_dir
 
 # vector capability -> compiler flags; CPU_CAPABILITY_* selects at::vec's implementation.
 # -mtune=native: the kernels are built on the machine that runs them, so the schedule
@@ -46,8 +43,8 @@ def build(verbose=False):
 
     capability = _capability()
     return cpp_extension.load(
-        name=f"fastnl_cpp_{capability.lower()}",
-        sources=sorted(str(path) for path in (CSRC / "cpu").glob("*.cpp")),
+        name=extension_name(f"fastnl_cpp_{capability.lower()}"),
+        sources=sorted(str(path) for path in source_dir("cpu").glob("*.cpp")),
         # -fopenmp: at::parallel_for is inline and runs serially without it
         extra_cflags=["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])],
         extra_ldflags=["-fopenmp"],
@@ -62,7 +59,7 @@ def _build_failure():
     try:
         build()
     except Exception as error:  # any compiler or loader failure means "unavailable"
-        reason = f"building the C++ CPU kernels in {CSRC} failed: {type(error).__name__}: {error}"
+        reason = f"building the C++ CPU kernels failed: {type(error).__name__}: {error}"
         warnings.warn(f"fastnl: {reason}\nfalling back to the 'torch' backend", RuntimeWarning, stacklevel=2)
         return reason
     return None

@@ -6,7 +6,10 @@ the stability disc |lambda + 1| <= 1.
 """
 import math
 
-import matplotlib
+from fastnl._extras import require
+
+require("fastnl's spectrum figures", "matplotlib")
+import matplotlib  # noqa: E402  (after the check above)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
