@@ -2,7 +2,8 @@
 
 csrc/cuda/host_math.cpp compiles the same __host__ __device__ functions the kernels
 call with the host compiler and runs them in loops that mirror the kernels (rows
-against tiles of 64), with the backend contract's signatures. What this cannot check
+against tiles of 64), with the backend contract's signatures, and dispatches the same
+width buckets (SHAPES covers each of 16, 32, 64, 128). What this cannot check
 is the GPU-only plumbing: shared-memory staging, launch, half-precision loads; the
 `gpu` tests in test_gpu_backends.py do. The first run compiles (about 40 s on 2 cores).
 """
@@ -18,6 +19,11 @@ SHAPES = [
     (2, 37, 150, 8, 48),   # M > 2 tiles with a partial one: online rescaling across tiles
     (1, 130, 23, 1, 1),    # N over two query tiles, widths 1
     (1, 20, 20, 128, 128), # the widest rows the kernels hold
+    # just past a width bucket's bound (16, 32, 64: nonlocal_math.h's dispatch_width), from D or E
+    (1, 19, 70, 17, 5),    # bucket 32 for D = 17
+    (1, 24, 40, 32, 32),   # bucket 32 exactly full
+    (1, 21, 33, 20, 33),   # bucket 64 for E = 33
+    (1, 18, 30, 100, 65),  # bucket 128 for D = 100, E = 65
 ]
 
 

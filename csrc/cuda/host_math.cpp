@@ -2,10 +2,12 @@
 // loops over rows, so that the logic the CUDA kernels run is tested on machines with no
 // GPU. The loops mirror the kernels' structure (query rows against key tiles, key rows
 // against query tiles, kTile rows at a time); what they do not share is the staging of
-// tiles in shared memory and the launch, which only a GPU can check.
+// tiles in shared memory and the launch, which only a GPU can check. The width buckets
+// are dispatched as the kernels' are, so each bucket's instantiation is tested here.
 // CPU tensors, float32 or float64 (the accumulator types); entry points as the backend
 // contract's softmax_forward / softmax_backward.
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "checks.h"
@@ -15,7 +17,7 @@ namespace {
 
 constexpr int kTile = 64;  // as the CUDA kernels' key and query tiles
 
-template <typename acc_t>
+template <int kWidth, typename acc_t>
 void forward_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                   const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& stats_in,
                   at::Tensor& out, at::Tensor& stats_out, acc_t scale) {
@@ -27,28 +29,30 @@ void forward_rows(const at::Tensor& query, const at::Tensor& key, const at::Tens
     for (int64_t i = 0; i < num_queries; ++i) {
       const int64_t row = b * num_queries + i;
       const acc_t* query_row = query.data_ptr<acc_t>() + row * width_qk;
-      std::vector<acc_t> accumulator(width_v, acc_t(0));
+      std::array<acc_t, kWidth> accumulator{};  // sized as the kernels' per-thread row
       OnlineRow<acc_t> state = online_start<acc_t>();
       for (int64_t start = 0; start < num_keys; start += kTile) {
         const int count = std::min<int64_t>(kTile, num_keys - start);
         const acc_t* key_tile = keys + start * width_qk;
         const acc_t* value_tile = values + start * width_v;
         if (stats_in.has_value()) {
-          known_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale,
-                            stats_in->data_ptr<acc_t>()[row], accumulator.data());
+          known_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale,
+                                    stats_in->data_ptr<acc_t>()[row], accumulator.data());
         } else {
-          online_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state,
-                             accumulator.data());
+          online_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state,
+                                     accumulator.data());
         }
       }
-      if (!stats_in.has_value()) stats_out.data_ptr<acc_t>()[row] = online_finish(state, accumulator.data(), width_v);
+      if (!stats_in.has_value()) {
+        stats_out.data_ptr<acc_t>()[row] = online_finish<kWidth>(state, accumulator.data(), width_v);
+      }
       const acc_t* center_row = center.has_value() ? center->data_ptr<acc_t>() + row * width_v : nullptr;
-      store_row(accumulator.data(), center_row, out.data_ptr<acc_t>() + row * width_v, width_v);
+      store_row<kWidth>(accumulator.data(), center_row, out.data_ptr<acc_t>() + row * width_v, width_v);
     }
   }
 }
 
-template <typename acc_t>
+template <int kWidth, typename acc_t>
 void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                    const c10::optional<at::Tensor>& center, const at::Tensor& out, const at::Tensor& stats,
                    at::Tensor& grad_query, at::Tensor& grad_key, at::Tensor& grad_value, acc_t scale) {
@@ -57,8 +61,8 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
   std::vector<acc_t> deltas(batch * num_queries);
   for (int64_t row = 0; row < batch * num_queries; ++row) {
     const acc_t* center_row = center.has_value() ? center->data_ptr<acc_t>() + row * width_v : nullptr;
-    deltas[row] = softmax_delta<acc_t>(grad_out.data_ptr<acc_t>() + row * width_v,
-                                       out.data_ptr<acc_t>() + row * width_v, center_row, width_v);
+    deltas[row] = softmax_delta<kWidth, acc_t>(grad_out.data_ptr<acc_t>() + row * width_v,
+                                               out.data_ptr<acc_t>() + row * width_v, center_row, width_v);
   }
   const acc_t* lses = stats.data_ptr<acc_t>();
   for (int64_t b = 0; b < batch; ++b) {
@@ -70,9 +74,9 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
       acc_t* grad_query_row = grad_query.data_ptr<acc_t>() + (b * num_queries + i) * width_qk;
       for (int64_t start = 0; start < num_keys; start += kTile) {
         const int count = std::min<int64_t>(kTile, num_keys - start);
-        query_grad_tile(queries + i * width_qk, grad_outs + i * width_v, lses[b * num_queries + i],
-                        deltas[b * num_queries + i], keys + start * width_qk, values + start * width_v, count,
-                        width_qk, width_v, scale, grad_query_row);
+        query_grad_tile<kWidth>(queries + i * width_qk, grad_outs + i * width_v, lses[b * num_queries + i],
+                                deltas[b * num_queries + i], keys + start * width_qk, values + start * width_v,
+                                count, width_qk, width_v, scale, grad_query_row);
       }
     }
     for (int64_t j = 0; j < num_keys; ++j) {
@@ -80,10 +84,10 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
       acc_t* grad_value_row = grad_value.data_ptr<acc_t>() + (b * num_keys + j) * width_v;
       for (int64_t start = 0; start < num_queries; start += kTile) {
         const int count = std::min<int64_t>(kTile, num_queries - start);
-        key_value_grad_tile(keys + j * width_qk, values + j * width_v, queries + start * width_qk,
-                            grad_outs + start * width_v, lses + b * num_queries + start,
-                            deltas.data() + b * num_queries + start, count, width_qk, width_v, scale,
-                            grad_key_row, grad_value_row);
+        key_value_grad_tile<kWidth>(keys + j * width_qk, values + j * width_v, queries + start * width_qk,
+                                    grad_outs + start * width_v, lses + b * num_queries + start,
+                                    deltas.data() + b * num_queries + start, count, width_qk, width_v, scale,
+                                    grad_key_row, grad_value_row);
       }
     }
   }
@@ -103,8 +107,10 @@ std::vector<at::Tensor> softmax_forward(const at::Tensor& query, const at::Tenso
   auto outputs = prepare_forward(query, key, value, center, log_normalizer, at::kCPU);
   check_host_dtype(query);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_host_softmax_forward", [&] {
-    forward_rows<scalar_t>(query, key, value, center, log_normalizer, outputs[0], outputs[1],
-                           static_cast<scalar_t>(scale));
+    dispatch_width(static_cast<int>(std::max(query.size(2), value.size(2))), [&](auto bucket) {
+      forward_rows<decltype(bucket)::value, scalar_t>(query, key, value, center, log_normalizer, outputs[0],
+                                                      outputs[1], static_cast<scalar_t>(scale));
+    });
   });
   return outputs;
 }
@@ -115,8 +121,10 @@ std::vector<at::Tensor> softmax_backward(const at::Tensor& grad_out, const at::T
   auto grads = prepare_backward(grad_out, query, key, value, center, out, log_normalizer, at::kCPU);
   check_host_dtype(query);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_host_softmax_backward", [&] {
-    backward_rows<scalar_t>(grad_out, query, key, value, center, out, log_normalizer, grads[0], grads[1], grads[2],
-                            static_cast<scalar_t>(scale));
+    dispatch_width(static_cast<int>(std::max(query.size(2), value.size(2))), [&](auto bucket) {
+      backward_rows<decltype(bucket)::value, scalar_t>(grad_out, query, key, value, center, out, log_normalizer,
+                                                       grads[0], grads[1], grads[2], static_cast<scalar_t>(scale));
+    });
   });
   return grads;
 }

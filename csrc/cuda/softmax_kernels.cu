@@ -8,10 +8,14 @@
 //             a known lse), center subtracted on store;
 //   backward: delta_i = dO_i . O_i per row; block = key tile for dK, dV (loop over
 //             query tiles); block = query tile for dQ (loop over key tiles). No atomics.
+// Every kernel is instantiated per width bucket kWidth (dispatch_width): its per-thread
+// rows are acc_t[kWidth] with unrolled loops, so they stay in registers for small widths.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
 
 #include "nonlocal_math.h"
 #include "softmax_launch.h"
@@ -29,9 +33,27 @@ __device__ void stage_rows(acc_t* tile, const scalar_t* source, int64_t start, i
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ void load_row(acc_t* row, const scalar_t* source, int width) {
-  for (int d = 0; d < width; ++d) row[d] = static_cast<acc_t>(source[d]);
+template <int kWidth, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row(acc_t* row, const scalar_t* source, int width) {
+  FASTNL_UNROLL
+  for (int d = 0; d < kWidth; ++d) {
+    if (d < width) row[d] = static_cast<acc_t>(source[d]);
+  }
+}
+
+// Zeroes every entry, past `width` too: unrolled, those are free register moves.
+template <int kWidth, typename acc_t>
+__device__ __forceinline__ void zero_row(acc_t* row) {
+  FASTNL_UNROLL
+  for (int d = 0; d < kWidth; ++d) row[d] = 0;
+}
+
+template <int kWidth, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void store_plain_row(const acc_t* row, scalar_t* target, int width) {
+  FASTNL_UNROLL
+  for (int d = 0; d < kWidth; ++d) {
+    if (d < width) target[d] = static_cast<scalar_t>(row[d]);
+  }
 }
 
 // The row a thread owns: blockIdx.y is the batch, blockIdx.x the tile of kTile rows.
@@ -50,8 +72,9 @@ __device__ ThreadRow thread_row(int rows_per_batch) {
 // Walks one batch's keys in tiles of kTile rows: the block stages each key and value
 // tile in `shared` (as acc_t), then every thread calls absorb(key_tile, value_tile, count).
 template <typename scalar_t, typename Absorb>
-__device__ void for_each_key_tile(const scalar_t* key, const scalar_t* value, int64_t batch, int num_keys, int width_qk,
-                                  int width_v, unsigned char* shared, Absorb absorb) {
+__device__ __forceinline__ void for_each_key_tile(const scalar_t* key, const scalar_t* value, int64_t batch,
+                                                  int num_keys, int width_qk, int width_v, unsigned char* shared,
+                                                  Absorb absorb) {
   using acc_t = at::opmath_type<scalar_t>;
   key += batch * num_keys * width_qk;
   value += batch * num_keys * width_v;
@@ -67,7 +90,7 @@ __device__ void for_each_key_tile(const scalar_t* key, const scalar_t* value, in
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
                                const scalar_t* __restrict__ value, const scalar_t* __restrict__ center,
                                const acc_t* __restrict__ stats_in, scalar_t* __restrict__ out,
@@ -78,34 +101,36 @@ __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_
   const int64_t batch = mine.batch, row = mine.row;
   const bool active = mine.active;
 
-  acc_t query_row[kMaxWidth], accumulator[kMaxWidth];
-  if (active) load_row(query_row, query + row * width_qk, width_qk);
-  for (int e = 0; e < width_v; ++e) accumulator[e] = 0;
+  acc_t query_row[kWidth], accumulator[kWidth];
+  if (active) load_row<kWidth>(query_row, query + row * width_qk, width_qk);
+  zero_row<kWidth>(accumulator);
   OnlineRow<acc_t> state = online_start<acc_t>();
   for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
                     [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
     if (active && stats_in != nullptr) {
-      known_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, stats_in[row], accumulator);
+      known_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, stats_in[row],
+                                accumulator);
     } else if (active) {
-      online_absorb_tile(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state, accumulator);
+      online_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state,
+                                 accumulator);
     }
   });
   if (!active) return;
-  if (stats_in == nullptr) stats_out[row] = online_finish(state, accumulator, width_v);
-  store_row(accumulator, center == nullptr ? nullptr : center + row * width_v, out + row * width_v, width_v);
+  if (stats_in == nullptr) stats_out[row] = online_finish<kWidth>(state, accumulator, width_v);
+  store_row<kWidth>(accumulator, center == nullptr ? nullptr : center + row * width_v, out + row * width_v, width_v);
 }
 
-template <typename scalar_t, typename acc_t>
+template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void delta_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
                              const scalar_t* __restrict__ center, acc_t* __restrict__ delta, int64_t num_rows,
                              int width_v) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= num_rows) return;
-  delta[row] = softmax_delta<acc_t>(grad_out + row * width_v, out + row * width_v,
-                                    center == nullptr ? nullptr : center + row * width_v, width_v);
+  delta[row] = softmax_delta<kWidth, acc_t>(grad_out + row * width_v, out + row * width_v,
+                                            center == nullptr ? nullptr : center + row * width_v, width_v);
 }
 
-template <typename scalar_t, typename acc_t>
+template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ query,
                                   const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
                                   const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
@@ -116,25 +141,23 @@ __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const s
   const int64_t batch = mine.batch, row = mine.row;
   const bool active = mine.active;
 
-  acc_t query_row[kMaxWidth], grad_out_row[kMaxWidth], grad_query_row[kMaxWidth];
+  acc_t query_row[kWidth], grad_out_row[kWidth], grad_query_row[kWidth];
   if (active) {
-    load_row(query_row, query + row * width_qk, width_qk);
-    load_row(grad_out_row, grad_out + row * width_v, width_v);
+    load_row<kWidth>(query_row, query + row * width_qk, width_qk);
+    load_row<kWidth>(grad_out_row, grad_out + row * width_v, width_v);
   }
-  for (int d = 0; d < width_qk; ++d) grad_query_row[d] = 0;
+  zero_row<kWidth>(grad_query_row);
   for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
                     [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
     if (active) {
-      query_grad_tile(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count, width_qk,
-                      width_v, scale, grad_query_row);
+      query_grad_tile<kWidth>(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count,
+                              width_qk, width_v, scale, grad_query_row);
     }
   });
-  if (active) {
-    for (int d = 0; d < width_qk; ++d) grad_query[row * width_qk + d] = static_cast<scalar_t>(grad_query_row[d]);
-  }
+  if (active) store_plain_row<kWidth>(grad_query_row, grad_query + row * width_qk, width_qk);
 }
 
-template <typename scalar_t, typename acc_t>
+template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ query,
                                       const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
                                       const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
@@ -153,13 +176,13 @@ __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, con
   stats += batch * num_queries;
   delta += batch * num_queries;
 
-  acc_t key_row_values[kMaxWidth], value_row[kMaxWidth], grad_key_row[kMaxWidth], grad_value_row[kMaxWidth];
+  acc_t key_row_values[kWidth], value_row[kWidth], grad_key_row[kWidth], grad_value_row[kWidth];
   if (active) {
-    load_row(key_row_values, key + key_row * width_qk, width_qk);
-    load_row(value_row, value + key_row * width_v, width_v);
+    load_row<kWidth>(key_row_values, key + key_row * width_qk, width_qk);
+    load_row<kWidth>(value_row, value + key_row * width_v, width_v);
   }
-  for (int d = 0; d < width_qk; ++d) grad_key_row[d] = 0;
-  for (int e = 0; e < width_v; ++e) grad_value_row[e] = 0;
+  zero_row<kWidth>(grad_key_row);
+  zero_row<kWidth>(grad_value_row);
   for (int start = 0; start < num_queries; start += kTile) {
     const int count = min(kTile, num_queries - start);
     stage_rows(query_tile, query, start, count, width_qk);
@@ -168,14 +191,14 @@ __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, con
     stage_rows(delta_tile, delta, start, count, 1);
     __syncthreads();
     if (active) {
-      key_value_grad_tile(key_row_values, value_row, query_tile, grad_out_tile, lse_tile, delta_tile, count,
-                          width_qk, width_v, scale, grad_key_row, grad_value_row);
+      key_value_grad_tile<kWidth>(key_row_values, value_row, query_tile, grad_out_tile, lse_tile, delta_tile,
+                                  count, width_qk, width_v, scale, grad_key_row, grad_value_row);
     }
     __syncthreads();
   }
   if (active) {
-    for (int d = 0; d < width_qk; ++d) grad_key[key_row * width_qk + d] = static_cast<scalar_t>(grad_key_row[d]);
-    for (int e = 0; e < width_v; ++e) grad_value[key_row * width_v + e] = static_cast<scalar_t>(grad_value_row[e]);
+    store_plain_row<kWidth>(grad_key_row, grad_key + key_row * width_qk, width_qk);
+    store_plain_row<kWidth>(grad_value_row, grad_value + key_row * width_v, width_v);
   }
 }
 
@@ -207,11 +230,14 @@ void launch_softmax_forward(const at::Tensor& query, const at::Tensor& key, cons
   const int width_qk = query.size(2), width_v = value.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fastnl_softmax_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch(forward_kernel<scalar_t, acc_t>, dim3(blocks(num_queries), batch),
-           sizeof(acc_t) * kTile * (width_qk + width_v), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
-           value.data_ptr<scalar_t>(), optional_data<scalar_t>(center), optional_data<acc_t>(log_normalizer),
-           out.data_ptr<scalar_t>(), log_normalizer.has_value() ? nullptr : stats_out.data_ptr<acc_t>(),
-           num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+    dispatch_width(std::max(width_qk, width_v), [&](auto bucket) {
+      constexpr int kWidth = decltype(bucket)::value;
+      launch(forward_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_queries), batch),
+             sizeof(acc_t) * kTile * (width_qk + width_v), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
+             value.data_ptr<scalar_t>(), optional_data<scalar_t>(center), optional_data<acc_t>(log_normalizer),
+             out.data_ptr<scalar_t>(), log_normalizer.has_value() ? nullptr : stats_out.data_ptr<acc_t>(),
+             num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+    });
   });
 }
 
@@ -231,15 +257,19 @@ void launch_softmax_backward(const at::Tensor& grad_out, const at::Tensor& query
     const auto* lse = log_normalizer.data_ptr<acc_t>();
     auto* row_delta = delta.data_ptr<acc_t>();
     const int64_t num_rows = static_cast<int64_t>(batch) * num_queries;
-    launch(delta_kernel<scalar_t, acc_t>, dim3(blocks(num_rows)), 0, d_out, out.data_ptr<scalar_t>(),
-           optional_data<scalar_t>(center), row_delta, num_rows, width_v);
-    launch(key_value_grad_kernel<scalar_t, acc_t>, dim3(blocks(num_keys), batch),
-           sizeof(acc_t) * kTile * (width_qk + width_v + 2), d_out, q, k, v, lse,
-           static_cast<const acc_t*>(row_delta), grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
-           num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
-    launch(query_grad_kernel<scalar_t, acc_t>, dim3(blocks(num_queries), batch),
-           sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, lse, static_cast<const acc_t*>(row_delta),
-           grad_query.data_ptr<scalar_t>(), num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+    dispatch_width(std::max(width_qk, width_v), [&](auto bucket) {
+      constexpr int kWidth = decltype(bucket)::value;
+      launch(delta_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_rows)), 0, d_out, out.data_ptr<scalar_t>(),
+             optional_data<scalar_t>(center), row_delta, num_rows, width_v);
+      launch(key_value_grad_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_keys), batch),
+             sizeof(acc_t) * kTile * (width_qk + width_v + 2), d_out, q, k, v, lse,
+             static_cast<const acc_t*>(row_delta), grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+             num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+      launch(query_grad_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_queries), batch),
+             sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, lse,
+             static_cast<const acc_t*>(row_delta), grad_query.data_ptr<scalar_t>(), num_queries, num_keys,
+             width_qk, width_v, static_cast<acc_t>(scale));
+    });
   });
 }
 

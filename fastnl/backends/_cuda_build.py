@@ -7,6 +7,8 @@ TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and redone when a sourc
 flag changes. The CUDA toolkit is CUDA_HOME (or CUDA_PATH) when set, else torch's own
 guess if it holds the CUDA headers, else /usr/local/cuda: torch guesses the folder
 above the first `nvcc` on PATH, which is wrong when that nvcc is a wrapper script.
+`python -m fastnl.backends._cuda_build` builds the CUDA extension verbosely, printing
+ptxas's registers and spills per kernel (nvcc runs with -Xptxas=-v), and where it is.
 """
 import functools
 import os
@@ -59,7 +61,8 @@ def cuda_extension(verbose=False):
         sources=_sources("softmax_api.cpp", "softmax_kernels.cu"),
         extra_include_paths=[str(source_dir("cuda"))],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
+        # ptxas reports registers, stack frame and spills per kernel in the (verbose) build log
+        extra_cuda_cflags=["-O3", "-Xptxas=-v"],
         verbose=verbose,
     )
 
@@ -74,3 +77,9 @@ def host_math_extension(verbose=False):
         extra_cflags=["-O3"],
         verbose=verbose,
     )
+
+
+if __name__ == "__main__":
+    extension = cuda_extension(verbose=True)
+    assert callable(extension.softmax_forward) and callable(extension.softmax_backward)
+    print(f"built {extension.__name__} ({extension.__file__}): softmax_forward and softmax_backward loaded")
