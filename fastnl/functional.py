@@ -26,7 +26,7 @@ def _attend(query, key, value, center, kernel, scale, backend, log_normalizer=No
         if center is None:
             return reference.aggregate(query, key, value, kernel=kernel, scale=scale), None
         return reference.diffuse(query, key, value, center, kernel=kernel, scale=scale), None
-    backend = backends.resolve(backend, query.device.type)
+    backend = backends.resolve(backend, query.device.type, (query.shape[-1], value.shape[-1]))
     scale = float(scale)
     if kernel == "softmax":
         if log_normalizer is None:

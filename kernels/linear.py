@@ -13,12 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnl.kernels._launch import INTERPRET, accumulator, padded_width, tuned
+from fastnl.kernels._launch import INTERPRET, accumulator, new_output, padded_width, tuned
 from fastnl.kernels._tiles import load_rows, store_rows
 
 _CHUNK_ROWS = 32 if INTERPRET else 512  # rows per program of outer_sum
+_MAX_BLOCK_Q = 64  # rows_times splits wider states over programs: a 128 x 128 one spills
 
 
+@tuned([triton.Config({}, num_warps=w) for w in (4, 8, 16)], key=["BLOCK_L", "BLOCK_RIGHT"],
+       interpreter_config={},
+       live_values=lambda meta: (meta["BLOCK_L"] + meta["BLOCK_R"]) * meta["BLOCK_RIGHT"]
+       + meta["BLOCK_R"] * meta["BLOCK_L"])
 @triton.jit
 def _outer_sum_kernel(left, right, partial, num_rows, width_l, width_r,
                       ACC: tl.constexpr, CHUNK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -37,15 +42,16 @@ def _outer_sum_kernel(left, right, partial, num_rows, width_l, width_r,
     store_rows(partial, state, cols_l, width_l, cols_r, width_r)
 
 
-@tuned([triton.Config({"BLOCK_R": r}, num_warps=w) for r in (64, 128, 256) for w in (4, 8)],
-       key=["BLOCK_P", "BLOCK_Q"], interpreter_config={"BLOCK_R": 16})
+@tuned([triton.Config({"BLOCK_R": r}, num_warps=w) for r in (64, 128, 256, 32) for w in (4, 8)],
+       key=["BLOCK_P", "BLOCK_Q"], interpreter_config={"BLOCK_R": 16},
+       live_values=lambda meta: meta["BLOCK_R"] * (meta["BLOCK_P"] + meta["BLOCK_Q"]) + meta["BLOCK_P"] * meta["BLOCK_Q"])
 @triton.jit
 def _rows_times_kernel(rows_in, state, out, num_rows, width_p, width_q, factor,
                        stride_sb, stride_sp, stride_sq,
                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
     batch = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols_p, cols_q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_Q)
+    cols_p, cols_q = tl.arange(0, BLOCK_P), tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     x = load_rows(rows_in + batch * num_rows * width_p, rows, num_rows, cols_p, width_p).to(ACC)
     s = tl.load(state + batch * stride_sb + cols_p[:, None] * stride_sp + cols_q[None, :] * stride_sq,
                 mask=(cols_p < width_p)[:, None] & (cols_q < width_q)[None, :], other=0.0).to(ACC)
@@ -73,10 +79,11 @@ def rows_times(rows, state, factor, out_dtype):
     """(B, R, P) contiguous, (B, P, Q) any strides -> factor * rows @ state, (B, R, Q) out_dtype."""
     batch, num_rows, width_p = rows.shape
     width_q = state.shape[2]
-    out = rows.new_empty((batch, num_rows, width_q), dtype=out_dtype)
-    _rows_times_kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]), batch)](
+    out = new_output(rows, (batch, num_rows, width_q), out_dtype)
+    block_q = min(padded_width(width_q), _MAX_BLOCK_Q)
+    _rows_times_kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]), batch, triton.cdiv(width_q, block_q))](
         rows, state, out, num_rows, width_p, width_q, factor, *state.stride(),
-        ACC=accumulator(rows.dtype), BLOCK_P=padded_width(width_p), BLOCK_Q=padded_width(width_q),
+        ACC=accumulator(rows.dtype), BLOCK_P=padded_width(width_p), BLOCK_Q=block_q,
     )
     return out
 

@@ -10,20 +10,28 @@ neither needs atomics. Padded positions get logit -inf, so probability 0.
 import triton
 import triton.language as tl
 
-from fastnl.kernels._launch import accumulator, padded_width, tuned
+from fastnl.kernels._launch import accumulator, bucket, dot_precision, padded_width, tuned
 from fastnl.kernels._tiles import load_rows, store_rows
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-    for block_n, block_m in ((32, 64), (64, 64), (64, 128), (128, 64))
+    for block_n, block_m in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 32))
     for warps, stages in ((4, 2), (8, 2))
 ]
-_KEY = ["num_queries", "num_keys", "BLOCK_D", "BLOCK_E"]
+_KEY = ["bucket_queries", "bucket_keys", "BLOCK_D", "BLOCK_E", "DOT_PRECISION"]
 _INTERPRETER = {"BLOCK_N": 16, "BLOCK_M": 16}
 
 
+def _live_values(meta):
+    """Both sides' rows (q, dO and k, v), the transposed logits and dS tiles, and the
+    gradient accumulators of the program's own side (bounded by the larger tile)."""
+    widths = meta["BLOCK_D"] + meta["BLOCK_E"]
+    tiles = meta["BLOCK_N"] + meta["BLOCK_M"]
+    return tiles * widths + 2 * meta["BLOCK_N"] * meta["BLOCK_M"] + max(meta["BLOCK_N"], meta["BLOCK_M"]) * widths
+
+
 @tuned([triton.Config({"BLOCK_R": 64}), triton.Config({"BLOCK_R": 128})], key=["BLOCK_E"],
-       interpreter_config={"BLOCK_R": 16})
+       interpreter_config={"BLOCK_R": 16}, live_values=lambda meta: 3 * meta["BLOCK_R"] * meta["BLOCK_E"])
 @triton.jit
 def _delta_kernel(grad_out, out, center, delta, num_rows, width_v,
                   HAS_CENTER: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -36,12 +44,12 @@ def _delta_kernel(grad_out, out, center, delta, num_rows, width_v,
     tl.store(delta + rows, tl.sum(d_out * aggregate, axis=1), mask=rows < num_rows)
 
 
-@tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER)
+@tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER, live_values=_live_values)
 @triton.jit
 def _key_value_grad_kernel(
     grad_out, query, key, value, stats, delta, grad_key, grad_value,
-    num_queries, num_keys, width_qk, width_v, scale,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    num_queries, num_keys, width_qk, width_v, scale, bucket_queries, bucket_keys,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
@@ -64,22 +72,22 @@ def _key_value_grad_kernel(
         lse = tl.load(stats + rows, mask=row_ok, other=0.0).to(ACC)
         row_delta = tl.load(delta + rows, mask=row_ok, other=0.0)
         # transposed tile (keys x queries): this program's keys are the rows
-        logits = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC) * scale
+        logits = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
         probs = tl.exp(tl.where(row_ok[None, :], logits, float("-inf")) - lse[None, :])
-        d_value = tl.dot(probs.to(d_out.dtype), d_out, d_value, input_precision="ieee", out_dtype=ACC)
-        d_probs = tl.dot(v, tl.trans(d_out), input_precision="ieee", out_dtype=ACC)
+        d_value = tl.dot(probs.to(d_out.dtype), d_out, d_value, input_precision=DOT_PRECISION, out_dtype=ACC)
+        d_probs = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION, out_dtype=ACC)
         d_logits = probs * (d_probs - row_delta[None, :])
-        d_key = tl.dot(d_logits.to(q.dtype), q, d_key, input_precision="ieee", out_dtype=ACC)
+        d_key = tl.dot(d_logits.to(q.dtype), q, d_key, input_precision=DOT_PRECISION, out_dtype=ACC)
     store_rows(grad_key + keys_at, d_key * scale, cols, num_keys, dims, width_qk)
     store_rows(grad_value + values_at, d_value, cols, num_keys, feats, width_v)
 
 
-@tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER)
+@tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER, live_values=_live_values)
 @triton.jit
 def _query_grad_kernel(
     grad_out, query, key, value, stats, delta, grad_query,
-    num_queries, num_keys, width_qk, width_v, scale,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    num_queries, num_keys, width_qk, width_v, scale, bucket_queries, bucket_keys,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
@@ -98,11 +106,11 @@ def _query_grad_kernel(
         cols = start + tl.arange(0, BLOCK_M)
         k = load_rows(key, cols, num_keys, dims, width_qk)
         v = load_rows(value, cols, num_keys, feats, width_v)
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
         probs = tl.exp(tl.where((cols < num_keys)[None, :], logits, float("-inf")) - lse[:, None])
-        d_probs = tl.dot(d_out, tl.trans(v), input_precision="ieee", out_dtype=ACC)
+        d_probs = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
         d_logits = probs * (d_probs - row_delta[:, None])
-        d_query = tl.dot(d_logits.to(k.dtype), k, d_query, input_precision="ieee", out_dtype=ACC)
+        d_query = tl.dot(d_logits.to(k.dtype), k, d_query, input_precision=DOT_PRECISION, out_dtype=ACC)
     store_rows(grad_query + queries_at, d_query * scale, rows, num_queries, dims, width_qk)
 
 
@@ -121,12 +129,11 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
         grad_out, out, center, delta, num_rows, width_v,
         HAS_CENTER=center is not None, ACC=acc, BLOCK_E=block_e,
     )
-    sizes = (num_queries, num_keys, width_qk, width_v, scale)
+    sizes = (num_queries, num_keys, width_qk, width_v, scale, bucket(num_queries), bucket(num_keys))
+    tiles = dict(ACC=acc, DOT_PRECISION=dot_precision(query.dtype), BLOCK_D=block_d, BLOCK_E=block_e)
     _key_value_grad_kernel[lambda meta: (triton.cdiv(num_keys, meta["BLOCK_M"]), batch)](
-        grad_out, query, key, value, log_normalizer, delta, grad_key, grad_value, *sizes,
-        ACC=acc, BLOCK_D=block_d, BLOCK_E=block_e,
+        grad_out, query, key, value, log_normalizer, delta, grad_key, grad_value, *sizes, **tiles,
     )
     _query_grad_kernel[lambda meta: (triton.cdiv(num_queries, meta["BLOCK_N"]), batch)](
-        grad_out, query, key, value, log_normalizer, delta, grad_query, *sizes,
-        ACC=acc, BLOCK_D=block_d, BLOCK_E=block_e,
+        grad_out, query, key, value, log_normalizer, delta, grad_query, *sizes, **tiles,
     )

@@ -9,24 +9,31 @@ on first sight: one pass, no rescaling. `diffuse` subtracts the center in the ep
 import triton
 import triton.language as tl
 
-from fastnl.kernels._launch import accumulator, padded_width, tuned
+from fastnl.kernels._launch import accumulator, bucket, dot_precision, padded_width, tuned
 from fastnl.kernels._tiles import load_rows, store_rows
 
+# the first is "first"'s choice at the models' widths; the 32-row tiles serve width 128
 _CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-    for block_n in (64, 128)
-    for block_m in (32, 64, 128)
+    for block_n in (64, 128, 32)
+    for block_m in (64, 32, 128)
     for warps, stages in ((4, 2), (4, 3), (8, 2))
 ]
 
 
-@tuned(_CONFIGS, key=["num_keys", "BLOCK_D", "BLOCK_E", "HAS_STATS"],
-       interpreter_config={"BLOCK_N": 16, "BLOCK_M": 16})
+def _live_values(meta):
+    """q, the accumulator and one logits tile per query tile; k, v per key tile."""
+    widths = meta["BLOCK_D"] + meta["BLOCK_E"]
+    return meta["BLOCK_N"] * (widths + meta["BLOCK_M"]) + meta["BLOCK_M"] * widths
+
+
+@tuned(_CONFIGS, key=["bucket_keys", "BLOCK_D", "BLOCK_E", "HAS_STATS", "DOT_PRECISION"],
+       interpreter_config={"BLOCK_N": 16, "BLOCK_M": 16}, live_values=_live_values)
 @triton.jit
 def _softmax_forward_kernel(
     query, key, value, center, stats_in, out, stats_out,
-    num_queries, num_keys, width_qk, width_v, scale,
-    HAS_CENTER: tl.constexpr, HAS_STATS: tl.constexpr, ACC: tl.constexpr,
+    num_queries, num_keys, width_qk, width_v, scale, bucket_keys,
+    HAS_CENTER: tl.constexpr, HAS_STATS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
@@ -46,8 +53,7 @@ def _softmax_forward_kernel(
         cols = start + tl.arange(0, BLOCK_M)
         k = load_rows(key, cols, num_keys, dims, width_qk)
         v = load_rows(value, cols, num_keys, feats, width_v)
-        # fp32 inputs: exact fp32 products ("ieee", not TF32), the same numbers as the interpreter
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
         logits = tl.where((cols < num_keys)[None, :], logits, float("-inf"))
         if HAS_STATS:
             probs = tl.exp(logits - lse[:, None])
@@ -59,7 +65,7 @@ def _softmax_forward_kernel(
             row_sum = row_sum * correction + tl.sum(probs, axis=1)
             acc = acc * correction[:, None]
             row_max = new_max
-        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     if not HAS_STATS:
         acc = acc / row_sum[:, None]
         tl.store(stats_out + batch * num_queries + rows, row_max + tl.log(row_sum), mask=row_ok)
@@ -80,7 +86,7 @@ def softmax_forward(query, key, value, center, log_normalizer, scale, out, stats
     grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_N"]), batch)  # noqa: E731
     _softmax_forward_kernel[grid](
         query, key, value, center, log_normalizer, out, stats_out,
-        num_queries, num_keys, width_qk, width_v, scale,
-        HAS_CENTER=center is not None, HAS_STATS=log_normalizer is not None,
-        ACC=accumulator(query.dtype), BLOCK_D=padded_width(width_qk), BLOCK_E=padded_width(width_v),
+        num_queries, num_keys, width_qk, width_v, scale, bucket(num_keys),
+        HAS_CENTER=center is not None, HAS_STATS=log_normalizer is not None, ACC=accumulator(query.dtype),
+        DOT_PRECISION=dot_precision(query.dtype), BLOCK_D=padded_width(width_qk), BLOCK_E=padded_width(width_v),
     )

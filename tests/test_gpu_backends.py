@@ -1,10 +1,14 @@
 """The triton and cuda backends against fastnl.reference on a real GPU (skipped without one).
 
 The same table as the interpreter and host-math tests, at the paper's sizes and odd
-ones, in float32, float16 and bfloat16 (which the interpreter cannot run). fp32 dots
-use input_precision="ieee", so float32 is held to the same rule as on the CPU. The
-"cuda" backend implements softmax itself and reuses the torch backend for dot/concat.
-Run with `pytest -m gpu` on a machine with a CUDA device.
+ones, in float32, float16 and bfloat16 (which the interpreter cannot run). Under
+torch's default float32 matmul precision ("highest") the fp32 dots are exact
+("ieee"), so float32 is held to the same rule as on the CPU; with TF32 products
+(precision "high") float32 is held to float16's rule, TF32 having float16's 10-bit
+mantissa. The "cuda" backend implements softmax itself and reuses the torch backend
+for dot/concat. Outputs start as NaN, and autotuning cannot hide a configuration that
+skips a ragged tile: every configuration is run on its own, and the op is called
+again after tuning. Run with `pytest -m gpu` on a machine with a CUDA device.
 """
 import pytest
 import torch
@@ -16,7 +20,9 @@ from backend_cases import MODES, assert_matches_reference, backend_results, make
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("nan_outputs"),
 ]
+RAGGED = (3, 333, 517, 8, 48)  # no tile size divides N or M
 
 # (B, N, M, D, E)
 SHAPES = [
@@ -63,3 +69,47 @@ def test_triton_is_the_cuda_default():
     query, key, value, _, _ = make_inputs((1, 8, 8, 4, 4), torch.float32, "aggregate", device="cuda")
     assert backends.resolve(None, "cuda") == "triton"
     fastnl.nonlocal_aggregate(query, key, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_second_call_after_tuning(dtype):
+    """The first call autotunes (every configuration writes the same outputs); the
+    second runs the chosen one alone into fresh NaN outputs."""
+    inputs = make_inputs(RAGGED, dtype, "diffuse", device="cuda")
+    for _ in range(2):
+        results = backend_results("softmax", "diffuse", "triton", *inputs, 0.5)
+    assert_matches_reference(results, "softmax", "diffuse", *inputs, 0.5)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_configuration_on_a_ragged_shape(kernel, dtype):
+    from fastnl.kernels import _launch, linear, softmax_bwd, softmax_fwd
+
+    tuned = [k for module in (softmax_fwd, softmax_bwd, linear) for k in vars(module).values()
+             if isinstance(k, _launch.Tuned)]
+    inputs = make_inputs(RAGGED, dtype, "diffuse", device="cuda")
+    for index in range(max(len(k.configs) for k in tuned)):
+        with _launch.pinned_config(index):
+            results = backend_results(kernel, "diffuse", "triton", *inputs, 0.5)
+        assert_matches_reference(results, kernel, "diffuse", *inputs, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bitwise_repeatable(backend):
+    inputs = make_inputs(RAGGED, torch.float32, "diffuse", device="cuda")
+    first, second = (backend_results("softmax", "diffuse", backend, *inputs, 0.5) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + [RAGGED])
+def test_tf32_products_within_float16s_rule(shape):
+    inputs = make_inputs(shape, torch.float32, "diffuse", device="cuda")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        results = backend_results("softmax", "diffuse", "triton", *inputs, 0.5)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_matches_reference(results, "softmax", "diffuse", *inputs, 0.5, peer_dtype=torch.float16)

@@ -15,10 +15,13 @@ import test_ops
 from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 from fastnl import backends
 
-pytestmark = pytest.mark.skipif(
-    backends.unavailable_reason("triton", "cpu") is not None,
-    reason=f"Triton interpreter off: {backends.unavailable_reason('triton', 'cpu')}",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        backends.unavailable_reason("triton", "cpu") is not None,
+        reason=f"Triton interpreter off: {backends.unavailable_reason('triton', 'cpu')}",
+    ),
+    pytest.mark.usefixtures("nan_outputs"),
+]
 
 # (B, N, M, D, E); concat uses D = 1, diffuse_value uses M = N
 SHAPES = [
@@ -83,3 +86,47 @@ def test_opcheck_forward_ops(with_center):
 
 def test_opcheck_backward_ops():
     test_ops.test_opcheck_backward_ops("triton")
+
+
+def test_every_configuration_is_checked(monkeypatch):
+    """pinned_config runs each configuration of a tuned kernel, not only the first: here
+    the forward with 16- and 32-row query tiles on a ragged shape (N = 37)."""
+    import triton
+
+    from fastnl.kernels import _launch, softmax_fwd
+
+    class Recording:
+        """The jit kernel, noting the query tile of each launch."""
+
+        def __init__(self, kernel):
+            self.kernel, self.tiles = kernel, []
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+            return lambda *args, **meta: self.tiles.append(meta["BLOCK_N"]) or launch(*args, **meta)
+
+    kernel = Recording(softmax_fwd._softmax_forward_kernel.kernel)
+    tiles = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16}), triton.Config({"BLOCK_N": 32, "BLOCK_M": 16})]
+    monkeypatch.setattr(softmax_fwd, "_softmax_forward_kernel",
+                        _launch.Tuned(kernel, tiles, key=[], live_values=lambda meta: 0))
+    query, key, value, center, _ = make_inputs((2, 37, 50, 8, 16), torch.float32, "diffuse")
+    truth = fastnl.nonlocal_diffuse(query, key, value, center, backend="reference")
+    for index in range(len(tiles)):
+        with _launch.pinned_config(index):
+            out = fastnl.nonlocal_diffuse(query, key, value, center, backend="triton")
+        torch.testing.assert_close(out, truth, atol=1e-5, rtol=1e-5)
+    assert kernel.tiles == [16, 32]
+
+
+def test_widths_beyond_the_tiles_fall_back_with_the_reason(monkeypatch):
+    """backend=None passes over a backend that refuses the widths (Wang et al.'s video
+    blocks reach C' = 512), with one warning naming why; naming it explicitly raises."""
+    monkeypatch.setitem(backends._PREFERENCE, "cpu", ["triton", "torch"])
+    backends._warn_passed_over.cache_clear()
+    query, key, value, _, _ = make_inputs((1, 20, 20, 130, 4), torch.float32, "aggregate")
+    with pytest.warns(RuntimeWarning, match=r"backend 'triton' passed over \(widths D and E up to 128, "
+                                            r"got D=130, E=4\); using 'torch'"):
+        out = fastnl.nonlocal_aggregate(query, key, value)
+    torch.testing.assert_close(out, fastnl.nonlocal_aggregate(query, key, value, backend="reference"))
+    with pytest.raises(ValueError, match="backend 'triton' cannot take these operands: widths D and E up to 128"):
+        fastnl.nonlocal_aggregate(query, key, value, backend="triton")

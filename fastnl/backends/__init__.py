@@ -6,6 +6,8 @@ forward and backward math. Inputs arrive validated: same dtype and device,
 contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or None.
 
     is_available(device_type) -> None, or a string saying why not
+    refuses(width_qk, width_v) -> None, or why these widths are out of its range
+        (optional; a backend without it takes every width)
     softmax_forward(query, key, value, center, log_normalizer, scale)
         -> (out, log_normalizer)
         out_i = sum_j p_ij v_j - [c_i], p_ij = exp(scale q_i.k_j - lse_i); the row
@@ -29,6 +31,7 @@ The center's gradient is -grad_out (softmax) or -row_weight * grad_out (dot, con
 """
 import functools
 import importlib
+import warnings
 
 import torch
 
@@ -64,13 +67,47 @@ def unavailable_reason(name, device_type):
     return module.is_available(device_type)
 
 
+def refuse_widths_above(limit):
+    """A `refuses` for backends whose tiles or rows hold at most `limit` features."""
+
+    def refuses(width_qk, width_v):
+        if max(width_qk, width_v) > limit:
+            return f"widths D and E up to {limit}, got D={width_qk}, E={width_v}"
+        return None
+
+    return refuses
+
+
+def width_refusal(name, width_qk, width_v):
+    """None if backend `name` takes query/key width D and value width E, else why not."""
+    refuses = getattr(_load(name), "refuses", None)
+    return None if refuses is None else refuses(width_qk, width_v)
+
+
+@functools.cache
+def _warn_passed_over(name, reason, chosen):
+    warnings.warn(f"fastnl: backend {name!r} passed over ({reason}); using {chosen!r}", RuntimeWarning,
+                  stacklevel=4)
+
+
 @torch.compiler.assume_constant_result  # decided while tracing; no graph break
-def resolve(name, device_type):
-    """The backend name to use: `name` checked, or the preferred one when None."""
+def resolve(name, device_type, widths=None):
+    """The backend name to use: `name` checked, or the preferred one when None.
+
+    With `widths` (D, E), a preferred backend that refuses them is passed over with one
+    warning per reason; an explicitly named one raises instead.
+    """
     if name is None:
+        passed_over = []
         for candidate in _PREFERENCE.get(device_type, ["torch"]):
-            if unavailable_reason(candidate, device_type) is None:
+            if unavailable_reason(candidate, device_type) is not None:
+                continue
+            refusal = None if widths is None else width_refusal(candidate, *widths)
+            if refusal is None:
+                for skipped, reason in passed_over:
+                    _warn_passed_over(skipped, reason, candidate)
                 return candidate
+            passed_over.append((candidate, refusal))
         return "torch"
     if name not in _MODULES:
         raise ValueError(
@@ -79,6 +116,9 @@ def resolve(name, device_type):
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available on {device_type}: {reason}")
+    refusal = None if widths is None else width_refusal(name, *widths)
+    if refusal is not None:
+        raise ValueError(f"backend {name!r} cannot take these operands: {refusal}; use backend=None or 'torch'")
     return name
 
 

@@ -15,9 +15,11 @@ import functools
 
 import torch
 
+from fastnl.backends import refuse_widths_above
 from fastnl.backends.torch_tiled import accumulate_dtype, concat_backward, concat_forward  # noqa: F401
 
 MAX_WIDTH = 128
+refuses = refuse_widths_above(MAX_WIDTH)
 
 
 def _kernels():
@@ -60,21 +62,20 @@ def _check(query, value):
     if launch.INTERPRET and query.dtype == torch.bfloat16:
         raise TypeError("backend 'triton' under TRITON_INTERPRET=1 cannot compute bfloat16 "
                         "(the interpreter has no bfloat16); use float16/float32 or a GPU")
-    widths = {"D": query.shape[2], "E": value.shape[2]}
-    if max(widths.values()) > MAX_WIDTH:
-        raise ValueError(f"backend 'triton' supports widths up to {MAX_WIDTH}, got {widths}; "
-                         f"use backend='torch'")
+    refusal = refuses(query.shape[2], value.shape[2])
+    if refusal is not None:
+        raise ValueError(f"backend 'triton': {refusal}; use backend='torch'")
 
 
 @_on_inputs_device
 def softmax_forward(query, key, value, center, log_normalizer, scale):
     _check(query, value)
-    softmax_fwd = _kernels()[2]
+    launch, softmax_fwd = _kernels()[0], _kernels()[2]
     batch, num_queries = query.shape[:2]
-    out = value.new_empty(batch, num_queries, value.shape[2])
+    out = launch.new_output(value, (batch, num_queries, value.shape[2]))
     stats = None
     if log_normalizer is None:
-        stats = query.new_empty(batch, num_queries, dtype=accumulate_dtype(query.dtype))
+        stats = launch.new_output(query, (batch, num_queries), accumulate_dtype(query.dtype))
     softmax_fwd.softmax_forward(query, key, value, center, log_normalizer, scale, out, stats)
     return out, (log_normalizer if log_normalizer is not None else stats)
 
@@ -82,18 +83,12 @@ def softmax_forward(query, key, value, center, log_normalizer, scale):
 @_on_inputs_device
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):
     _check(query, value)
-    softmax_bwd = _kernels()[3]
-    delta = query.new_empty(query.shape[:2], dtype=accumulate_dtype(query.dtype))
-    grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    launch, softmax_bwd = _kernels()[0], _kernels()[3]
+    delta = launch.new_output(query, query.shape[:2], accumulate_dtype(query.dtype))
+    grads = tuple(launch.new_output(t, t.shape) for t in (query, key, value))
     softmax_bwd.softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale,
                                  delta, *grads)
     return grads
-
-
-def _with_column(rows, column):
-    """(B, R, F), (B, R) -> (B, R, F + 1): the extra column carries a row-wise scalar
-    through the same products, e.g. ones give sum_j k_j beside sum_j k_j v_j^T."""
-    return torch.cat([rows, column.unsqueeze(-1).to(rows.dtype)], dim=-1)
 
 
 @_on_inputs_device
@@ -101,13 +96,12 @@ def dot_forward(query, key, value, center, scale):
     _check(query, value)
     linear = _kernels()[1]
     acc = accumulate_dtype(query.dtype)
-    width_v = value.shape[2]
-    # state (B, D, E + 1) = [sum_j k_j v_j^T, sum_j k_j]
-    state = linear.outer_sum(key, _with_column(value, torch.ones_like(value[..., 0])))
-    sums = linear.rows_times(query, state, scale / key.shape[1], acc)
-    # fresh contiguous tensors: a custom op's outputs may not alias, and must have the
-    # strides its fake kernel promises
-    out, row_weight = sums[..., :width_v].contiguous(), sums[..., width_v].contiguous()
+    factor = scale / key.shape[1]
+    state = linear.outer_sum(key, value)                                   # sum_j k_j v_j^T (B, D, E)
+    out = linear.rows_times(query, state, factor, acc)
+    # row_weight_i = factor q_i . sum_j k_j: a matrix-vector product, torch's
+    row_weight = torch.bmm(query.to(acc), key.to(acc).sum(dim=1, keepdim=True).transpose(1, 2))
+    row_weight = row_weight.squeeze(-1).mul_(factor)
     if center is not None:
         out.sub_(row_weight.unsqueeze(-1) * center.to(acc))
     return out.to(value.dtype), row_weight
@@ -119,18 +113,16 @@ def dot_backward(grad_out, query, key, value, center, scale):
     linear = _kernels()[1]
     acc = accumulate_dtype(query.dtype)
     factor = scale / key.shape[1]
-    width_v = value.shape[2]
-    grad_out = grad_out.to(acc)
-    # the center's term enters as an extra column -(dO_i . c_i) against sum_j k_j
-    if center is None:
-        center_grad = grad_out.new_zeros(grad_out.shape[:2])
-    else:
-        center_grad = (grad_out * center.to(acc)).sum(dim=-1)
-    grad_rows = _with_column(grad_out, -center_grad)                     # (B, N, E + 1)
-    value_rows = _with_column(value, torch.ones_like(value[..., 0]))      # (B, M, E + 1)
-    state = linear.outer_sum(key, value_rows)                            # (B, D, E + 1)
-    grad_state = linear.outer_sum(query, grad_rows)                      # (B, D, E + 1), / factor
-    grad_query = linear.rows_times(grad_rows, state.transpose(1, 2), factor, query.dtype)
-    grad_key = linear.rows_times(value_rows, grad_state.transpose(1, 2), factor, key.dtype)
-    grad_value = linear.rows_times(key, grad_state[..., :width_v], factor, value.dtype)
-    return grad_query, grad_key, grad_value
+    grad_out = grad_out.to(acc).contiguous()
+    state = linear.outer_sum(key, value)                                   # S = sum_j k_j v_j^T
+    grad_state = linear.outer_sum(query, grad_out)                         # G = sum_i q_i dO_i^T
+    grad_query = linear.rows_times(grad_out, state.transpose(1, 2), factor, acc)
+    grad_key = linear.rows_times(value, grad_state.transpose(1, 2), factor, acc)
+    grad_value = linear.rows_times(key, grad_state, factor, value.dtype)
+    if center is not None:
+        # the center's term -row_weight_i c_i: with g_i = dO_i . c_i, dq_i -= factor g_i sum_j k_j
+        # and every dk_j -= factor sum_i g_i q_i (vector terms, torch's)
+        center_grad = (grad_out * center.to(acc)).sum(dim=-1, keepdim=True)  # (B, N, 1)
+        grad_query.sub_(factor * center_grad * key.to(acc).sum(dim=1, keepdim=True))
+        grad_key.sub_(factor * (center_grad * query.to(acc)).sum(dim=1, keepdim=True))
+    return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value
