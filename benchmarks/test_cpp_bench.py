@@ -21,9 +21,10 @@ import torch
 import fastnl
 from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, sdpa_diffuse, size_name
 from conftest import peak_extra_bytes
-from fastnl.backends import cpp
+from fastnl import backends
 
-pytestmark = pytest.mark.skipif(cpp.is_available("cpu") is not None, reason="the cpp backend did not build")
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
+                                reason="the cpp backend did not build")
 
 # The bar's problem is the paper's first size (B16, N1024, D8, E16); benchmarks/
 # test_diffuse_bench.py times every backend at all three sizes.

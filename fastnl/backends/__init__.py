@@ -5,7 +5,7 @@ wraps them in `torch.library` custom ops with autograd, so a backend only writes
 forward and backward math. Inputs arrive validated: same dtype and device,
 contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or None.
 
-    is_available(device_type) -> None, or a string saying why not
+    unavailable_reason(device_type) -> None when it can run there, else why not
     refuses(width_qk, width_v) -> None, or why these widths are out of its range
         (optional; a backend without it takes every width)
     softmax_forward(query, key, value, center, log_normalizer, scale)
@@ -64,7 +64,7 @@ def unavailable_reason(name, device_type):
         module = _load(name)
     except Exception as error:  # a backend that fails to import is unavailable, not fatal
         return f"importing {_MODULES[name]} failed: {error}"
-    return module.is_available(device_type)
+    return module.unavailable_reason(device_type)
 
 
 def refuse_widths_above(limit):

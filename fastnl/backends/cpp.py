@@ -65,7 +65,7 @@ def _build_failure():
     return None
 
 
-def is_available(device_type):
+def unavailable_reason(device_type):
     if device_type != "cpu":
         return f"the cpp backend runs on CPU tensors only, not {device_type}"
     return _build_failure()

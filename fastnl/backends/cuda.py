@@ -17,7 +17,7 @@ MAX_WIDTH = 128  # kMaxWidth of csrc/cuda/nonlocal_math.h: the per-thread row ar
 refuses = refuse_widths_above(MAX_WIDTH)
 
 
-def is_available(device_type):
+def unavailable_reason(device_type):
     if device_type != "cuda":
         return "the CUDA kernels run on CUDA tensors only"
     if not torch.cuda.is_available():

@@ -11,7 +11,7 @@ import torch
 KEY_TILE = 128  # keys per tile: (B, N, 128) logits at a time; 256 held 80% of the reference's peak at B=16, N=1024
 
 
-def is_available(device_type):
+def unavailable_reason(device_type):
     return None
 
 

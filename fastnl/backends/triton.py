@@ -30,7 +30,7 @@ def _kernels():
     return _launch, linear, softmax_fwd, softmax_bwd
 
 
-def is_available(device_type):
+def unavailable_reason(device_type):
     try:
         launch = _kernels()[0]
     except ImportError as error:
