@@ -4,7 +4,8 @@
 
 Fails unless fastnl is imported from site-packages (not from CHECKOUT), the cpp backend
 is the CPU default and builds from the installed sources, a diffuse forward+backward
-matches the reference, a NonlocalStage runs, every file of csrc/ was installed, and `python -m fastnl.train --help` works.
+matches the reference, a NonlocalStage runs, every file of csrc/ was installed, and
+`python -m fastnl.train --help` works.
 """
 import subprocess
 import sys

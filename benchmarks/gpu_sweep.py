@@ -130,7 +130,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--time-limit", type=float, default=90.0, help="seconds; later cases are listed as not run")
-    parser.add_argument("--reference-limit", type=float, default=40.0, help="GiB of N x N matrices the reference may hold")
+    parser.add_argument("--reference-limit", type=float, default=40.0,
+                        help="GiB of N x N matrices the reference may hold")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the plumbing only")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"

@@ -17,10 +17,10 @@ from time import perf_counter
 
 import pytest
 import torch
-
-import fastnl
 from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, sdpa_diffuse, size_name
 from conftest import peak_extra_bytes
+
+import fastnl
 from fastnl import backends
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,

@@ -4,7 +4,6 @@
 """
 import pytest
 import torch
-
 from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, size_name
 from conftest import peak_extra_bytes
 

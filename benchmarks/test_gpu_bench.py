@@ -10,7 +10,6 @@ what was allocated before it (the inputs).
 """
 import pytest
 import torch
-
 from cases import SIZES, backend_diffuse, make_inputs, run_step, sdpa_diffuse, size_name
 
 pytestmark = [

@@ -12,11 +12,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastnl._extras import require
-
-require("fastnl's training loop", "tqdm")
-from tqdm import tqdm  # noqa: E402  (after the check above)
-
 from fastnl.data import augment, draw_augmentation, epoch_batches, normalize, shard
 from fastnl.distributed import Ranks
 
@@ -57,6 +52,8 @@ class _Lines:
 
 def _progress_bar(batches, description, enabled):
     """tqdm on stderr: redrawn in place every 2 s on a terminal; piped, a line every 30 s."""
+    from tqdm import tqdm  # fastnl.data, imported above, has checked that it is installed
+
     if sys.stderr.isatty():
         return tqdm(batches, desc=description, file=sys.stderr, mininterval=2, disable=not enabled,
                     unit="batch", leave=False)
@@ -65,13 +62,14 @@ def _progress_bar(batches, description, enabled):
 
 
 def train_one_epoch(model, optimizer, scaler, images, labels, generator, config, device, step_budget,
-                    description, ranks=Ranks()):
+                    description, ranks=None):
     """SGD over one epoch (at most `step_budget` steps) -> dict of loss, acc, steps, images, seconds.
 
     Every rank walks the same global batches and takes its shard of each; loss,
     accuracy and the image count are summed over ranks, so all ranks see the same
-    numbers and stop together on a non-finite loss.
+    numbers and stop together on a non-finite loss. `ranks` None: one process.
     """
+    ranks = ranks or Ranks()
     model.train()
     batches = epoch_batches(len(labels), config.batch_size, generator, shuffle=True, world_size=ranks.world_size)
     batches = batches[:step_budget] if step_budget is not None else batches
@@ -105,13 +103,14 @@ def train_one_epoch(model, optimizer, scaler, images, labels, generator, config,
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, config, device, ranks=Ranks()):
+def evaluate(model, images, labels, config, device, ranks=None):
     """-> dict of mean loss and accuracy of `model` on the whole split, in eval mode.
 
     Each rank evaluates its shard of every batch; the sums are all-reduced, so the
     result is the whole test set's. `model` must not be the DDP wrapper (no
     collectives here but the final sum, and shards may differ in length).
     """
+    ranks = ranks or Ranks()
     model.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
     for index in epoch_batches(len(labels), config.batch_size, None, shuffle=False):

@@ -44,7 +44,8 @@ def _outer_sum_kernel(left, right, partial, num_rows, width_l, width_r,
 
 @tuned([triton.Config({"BLOCK_R": r}, num_warps=w) for r in (64, 128, 256, 32) for w in (4, 8)],
        key=["BLOCK_P", "BLOCK_Q"], interpreter_config={"BLOCK_R": 16},
-       live_values=lambda meta: meta["BLOCK_R"] * (meta["BLOCK_P"] + meta["BLOCK_Q"]) + meta["BLOCK_P"] * meta["BLOCK_Q"])
+       live_values=lambda meta: meta["BLOCK_R"] * (meta["BLOCK_P"] + meta["BLOCK_Q"])
+       + meta["BLOCK_P"] * meta["BLOCK_Q"])
 @triton.jit
 def _rows_times_kernel(rows_in, state, out, num_rows, width_p, width_q, factor,
                        stride_sb, stride_sp, stride_sq,

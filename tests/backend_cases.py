@@ -9,9 +9,9 @@ on the same device, plus a floor. One random input is cloned into every computat
 and all are backpropagated with the same grad_out.
 """
 import torch
+from conftest import assert_close_to_truth
 
 import fastnl
-from conftest import assert_close_to_truth
 
 # how the operator is called: aggregate; diffuse with an explicit center; diffuse with
 # center=None, i.e. the value itself (M == N), whose gradient then sums both roles

@@ -23,8 +23,9 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from fastnl import backends  # noqa: E402  (after TRITON_INTERPRET is settled)
 from data_fixtures import image_folder, official_cifar10  # noqa: E402,F401  (fixtures for every test file)
+
+from fastnl import backends  # noqa: E402  (after TRITON_INTERPRET is settled)
 
 # Low precision follows FlashAttention's rule: against a float64 truth, a backend may
 # err at most 2x PyTorch's own computation in that dtype, plus this floor times the

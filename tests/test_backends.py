@@ -1,10 +1,10 @@
 """Every backend against fastnl.reference: forward and every gradient, over shapes and dtypes."""
 import pytest
 import torch
+from conftest import assert_close_to_truth, cpu_backends
 
 import fastnl
 from fastnl import reference
-from conftest import assert_close_to_truth, cpu_backends
 
 KERNELS = ["softmax", "dot", "concat"]
 
@@ -118,12 +118,12 @@ def test_gradcheck(backend, kernel, with_center):
     query, key, value, center = [t.requires_grad_() for t in make_inputs((2, 7, 11, 3, 4), kernel, torch.float64)]
     if kernel == "concat":  # keep every q_i + k_j away from relu's kink
         query = (query.detach() + 0.05 * torch.sign(query.detach())).requires_grad_()
-    if with_center:
-        function = lambda q, k, v, c: fastnl.nonlocal_diffuse(q, k, v, c, kernel=kernel, scale=0.7, backend=backend)
-        inputs = (query, key, value, center)
-    else:
-        function = lambda q, k, v: fastnl.nonlocal_aggregate(q, k, v, kernel=kernel, scale=0.7, backend=backend)
-        inputs = (query, key, value)
+    def function(*inputs):
+        if with_center:
+            return fastnl.nonlocal_diffuse(*inputs, kernel=kernel, scale=0.7, backend=backend)
+        return fastnl.nonlocal_aggregate(*inputs, kernel=kernel, scale=0.7, backend=backend)
+
+    inputs = (query, key, value, center) if with_center else (query, key, value)
     assert torch.autograd.gradcheck(function, inputs)
 
 

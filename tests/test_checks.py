@@ -1,10 +1,10 @@
 """Bad input gets a clear error naming the argument; NaN propagates; empty is fine."""
 import pytest
 import torch
+from conftest import cpu_backends
 
 import fastnl
 from fastnl import reference
-from conftest import cpu_backends
 
 
 def operands(batch=2, num_queries=5, num_keys=5, width=4, value_width=3, dtype=torch.float32):
@@ -19,14 +19,18 @@ BAD_INPUTS = [
     # (description, (query, key, value, center), kwargs, error type, words in the message)
     ("batch", (torch.randn(2, 5, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 3), None), {}, ValueError, "batch"),
     ("width D", (torch.randn(2, 5, 4), torch.randn(2, 5, 6), torch.randn(2, 5, 3), None), {}, ValueError, "D="),
-    ("value M", (torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 6, 3), None), {}, ValueError, "value has M"),
+    ("value M", (torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 6, 3), None), {}, ValueError,
+     "value has M"),
     ("center E", (*operands(), torch.randn(2, 5, 7)), {}, ValueError, "center must have shape"),
     ("M != N", (*operands(num_keys=7), None), {}, ValueError, "M == N"),
     ("concat D", (*operands(), None), {"kernel": "concat"}, ValueError, "D=1"),
-    ("integers", (torch.ones(2, 5, 4, dtype=torch.int64), *operands()[1:], None), {}, TypeError, "query must have a floating"),
-    ("mixed dtypes", (*operands()[:2], torch.randn(2, 5, 3, dtype=torch.float64), None), {}, TypeError, "share one dtype"),
+    ("integers", (torch.ones(2, 5, 4, dtype=torch.int64), *operands()[1:], None), {}, TypeError,
+     "query must have a floating"),
+    ("mixed dtypes", (*operands()[:2], torch.randn(2, 5, 3, dtype=torch.float64), None), {}, TypeError,
+     "share one dtype"),
     ("2-d query", (torch.randn(5, 4), *operands()[1:], None), {}, ValueError, "query must have 3 dimensions"),
-    ("no keys", (torch.randn(2, 5, 4), torch.randn(2, 0, 4), torch.randn(2, 0, 3), torch.randn(2, 5, 3)), {}, ValueError, "M = 0"),
+    ("no keys", (torch.randn(2, 5, 4), torch.randn(2, 0, 4), torch.randn(2, 0, 3), torch.randn(2, 5, 3)), {},
+     ValueError, "M = 0"),
     ("no width", (torch.randn(2, 5, 0), torch.randn(2, 5, 0), torch.randn(2, 5, 3), None), {}, ValueError, "D = 0"),
     ("kernel", (*operands(), None), {"kernel": "cosine"}, ValueError, "kernel must be one of"),
     ("scale", (*operands(), None), {"scale": float("nan")}, ValueError, "scale must be a finite"),

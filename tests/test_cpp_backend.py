@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close_to_truth
 
 import fastnl
 from fastnl import backends, reference
 from fastnl.backends import cpp
-from conftest import assert_close_to_truth
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
@@ -69,7 +69,7 @@ def test_matches_reference(dtype, kernel, operation, shape):
     tolerance = dict(atol=1e-11, rtol=1e-9) if dtype == torch.float64 else FLOAT32_TOLERANCE
     for name, got, expected in zip(["out", "grad query", "grad key", "grad value", "grad center"], actual, truth):
         assert got.dtype == dtype, name
-        torch.testing.assert_close(got.double(), expected, **tolerance, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.double(), expected, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3]], ids=str)

@@ -9,8 +9,8 @@ is the GPU-only plumbing: shared-memory staging, launch, half-precision loads; t
 """
 import pytest
 import torch
-
 from backend_cases import MODES, assert_matches_reference, make_inputs
+
 from fastnl.backends import _cuda_build
 
 # (B, N, M, D, E)

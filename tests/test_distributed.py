@@ -218,4 +218,4 @@ def test_compiled_ddp_captures_the_ops_in_one_graph(tmp_path):
     assert any("conv2d" in target for target in with_ops[0]) and any("linear" in target for target in with_ops[0])
     for name, (compiled, eager) in result["grads"].items():
         assert compiled is not None, f"{name} got no gradient"
-        torch.testing.assert_close(compiled, eager, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(compiled, eager, msg=lambda m, name=name: f"{name}: {m}")

@@ -12,10 +12,10 @@ again after tuning. Run with `pytest -m gpu` on a machine with a CUDA device.
 """
 import pytest
 import torch
+from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 
 import fastnl
 from fastnl import backends
-from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from test_modules import randomize
 
 import fastnl
-from test_modules import randomize
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,10 +1,9 @@
 """NonlocalBlock and NonlocalStage: shapes, identity at init, the stage's shared affinity."""
 import pytest
 import torch
-
-import fastnl
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastnl
 from fastnl import reference
 from fastnl.modules import MODES
 

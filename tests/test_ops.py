@@ -1,10 +1,10 @@
 """The custom-op contract: opcheck, torch.compile without graph breaks, stage statistics."""
 import pytest
 import torch
+from conftest import cpu_backends
 
 import fastnl
 from fastnl import ops
-from conftest import cpu_backends
 
 
 def sample(kernel, dtype=torch.float64, requires_grad=True, square=False):

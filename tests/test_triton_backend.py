@@ -8,11 +8,11 @@ below still span several query and key tiles. It has no bfloat16 (it reads bf16 
 garbage), so bfloat16 is checked only on a GPU; here the backend must refuse it.
 """
 import pytest
+import test_ops
 import torch
+from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 
 import fastnl
-import test_ops
-from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 from fastnl import backends
 
 pytestmark = [

@@ -46,7 +46,7 @@ def _sources(*names):
     return [str(path) for path in paths]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_extension(verbose=False):
     """The compiled CUDA kernels (module fastnl_cuda); raises if the build fails."""
     home = cuda_home()
@@ -67,7 +67,7 @@ def cuda_extension(verbose=False):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def host_math_extension(verbose=False):
     """nonlocal_math.h built for the CPU (module fastnl_cuda_host_math)."""
     return cpp_extension.load(

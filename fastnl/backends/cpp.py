@@ -53,7 +53,7 @@ def build(verbose=False):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_failure():
     """None once the kernels are loaded, else why they could not be (warned once)."""
     try:

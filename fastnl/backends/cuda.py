@@ -12,7 +12,6 @@ import torch
 from fastnl.backends import _cuda_build, refuse_widths_above
 from fastnl.backends.torch_tiled import concat_backward, concat_forward, dot_backward, dot_forward  # noqa: F401
 
-
 MAX_WIDTH = 128  # kMaxWidth of csrc/cuda/nonlocal_math.h: the per-thread row arrays
 refuses = refuse_widths_above(MAX_WIDTH)
 
