@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh [--data DIR]     on the GPU machine
 #   OUT=/some/dir bash scripts/gpu_check.sh --dry-run --data DIR    on a CPU (CI)
 #
-# Stages, each capped in time so that a hang costs one stage, not the run; their
+# Stages, each capped in time (the caps add up to 300 s; x3 in a dry run) so that a
+# hang costs one stage, not the run; their
 # files land in $OUT (8 at most) and summary.txt says what each stage did:
 #   environment   nvidia-smi, Python, torch, Triton, nvcc versions   -> environment.txt
 #   install       pip install --no-build-isolation --no-deps -e . (offline)
@@ -46,7 +47,7 @@ FAILED=0
 
 # stage NAME SECONDS COMMAND...: run with a time cap, note status and time in the summary
 stage() {
-  local name=$1 limit=$2 start=$SECONDS status
+  local name=$1 limit=$(($2 * (DRY ? 3 : 1))) start=$SECONDS status  # a CPU is slower, often shared
   shift 2
   echo "== $name (at most ${limit} s)"
   # a fresh bash, so that the stage functions below (exported) run under the cap too
@@ -127,17 +128,17 @@ print('memcheck run finished')" > "$OUT/sanitizer.log" 2>&1
 
 export -f environment gpu_tests train sanitizer
 export DRY DATA PY OUT WORK
-stage environment 30 environment
+stage environment 20 environment
 if [ $DRY -eq 1 ]; then skip install "dry run"
-else stage install 60 $PY -m pip install -q --no-build-isolation --no-deps -e .; fi
-stage tests 110 gpu_tests
-SWEEP=(--out "$OUT/sweep.json" --time-limit 45)
+else stage install 40 $PY -m pip install -q --no-build-isolation --no-deps -e .; fi
+stage tests 100 gpu_tests
+SWEEP=(--out "$OUT/sweep.json" --time-limit 40)
 if [ $DRY -eq 1 ]; then SWEEP+=(--dry-run); fi
-stage sweep 75 $PY benchmarks/gpu_sweep.py "${SWEEP[@]}"
-if prepare_data; then stage train 60 train
+stage sweep 60 $PY benchmarks/gpu_sweep.py "${SWEEP[@]}"
+if prepare_data; then stage train 45 train
 else skip train "no CIFAR data at $DATA"; fi
 if [ $DRY -eq 1 ]; then skip sanitizer "dry run"
-else stage sanitizer 45 sanitizer; fi
+else stage sanitizer 35 sanitizer; fi
 
 echo "== summary"
 cat "$SUMMARY"

@@ -81,18 +81,28 @@ def test_second_call_after_tuning(dtype):
     assert_matches_reference(results, "softmax", "diffuse", *inputs, 0.5)
 
 
+def _configuration_count():
+    """Configurations of the most-configured tuned kernel (1 without Triton or under its
+    interpreter), so that each index is its own test and xdist spreads the compiles."""
+    try:
+        from fastnl.kernels import _launch, linear, softmax_bwd, softmax_fwd
+    except ImportError:
+        return 1
+    return max(len(k.configs) for module in (softmax_fwd, softmax_bwd, linear) for k in vars(module).values()
+               if isinstance(k, _launch.Tuned))
+
+
+@pytest.mark.parametrize("index", range(_configuration_count()))
 @pytest.mark.parametrize("kernel", ["softmax", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_configuration_on_a_ragged_shape(kernel, dtype):
-    from fastnl.kernels import _launch, linear, softmax_bwd, softmax_fwd
+def test_every_configuration_on_a_ragged_shape(kernel, dtype, index):
+    """Configuration `index` of every tuned kernel (its last where it has fewer), alone."""
+    from fastnl.kernels import _launch
 
-    tuned = [k for module in (softmax_fwd, softmax_bwd, linear) for k in vars(module).values()
-             if isinstance(k, _launch.Tuned)]
     inputs = make_inputs(RAGGED, dtype, "diffuse", device="cuda")
-    for index in range(max(len(k.configs) for k in tuned)):
-        with _launch.pinned_config(index):
-            results = backend_results(kernel, "diffuse", "triton", *inputs, 0.5)
-        assert_matches_reference(results, kernel, "diffuse", *inputs, 0.5)
+    with _launch.pinned_config(index):
+        results = backend_results(kernel, "diffuse", "triton", *inputs, 0.5)
+    assert_matches_reference(results, kernel, "diffuse", *inputs, 0.5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
