@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastnl.train import main, parser
+from fastnl.app.train import main, parser
 
 start = time.perf_counter()
 status = main(sys.argv[1:])

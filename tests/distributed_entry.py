@@ -32,16 +32,16 @@ def _save_record():
 
 
 def _inject_failure(kind):
-    import fastnl.engine
-    import fastnl.loops
+    import fastnl.app.engine
+    import fastnl.app.loops
 
     if kind == "raise":
         def failing_epoch(*args, **kwargs):
             raise RuntimeError("injected failure")
-        fastnl.engine.train_one_epoch = failing_epoch
+        fastnl.app.engine.train_one_epoch = failing_epoch
     elif kind == "nan":
-        normalize = fastnl.loops.normalize
-        fastnl.loops.normalize = lambda images, name: torch.full_like(normalize(images, name), float("nan"))
+        normalize = fastnl.app.loops.normalize
+        fastnl.app.loops.normalize = lambda images, name: torch.full_like(normalize(images, name), float("nan"))
     else:
         raise ValueError(f"FASTNL_TEST_FAIL kind {kind!r}")
 
@@ -54,6 +54,6 @@ if __name__ == "__main__":
         rank, kind = os.environ["FASTNL_TEST_FAIL"].split(":")
         if int(rank) == RANK:
             _inject_failure(kind)
-    from fastnl.train import main
+    from fastnl.app.train import main
 
     sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
-from fastnl.data import PAD, augment, draw_augmentation, epoch_batches, load_dataset, normalize, shard
+from fastnl.app.data import PAD, augment, draw_augmentation, epoch_batches, load_dataset, normalize, shard
 
 
 def test_image_folder_and_cache(image_folder, tmp_path):

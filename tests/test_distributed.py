@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
 
-from fastnl.distributed import CPUSyncBatchNorm, Ranks, convert_sync_batchnorm
-from fastnl.engine import train
+from fastnl.app.distributed import CPUSyncBatchNorm, Ranks, convert_sync_batchnorm
+from fastnl.app.engine import train
+from fastnl.app.train import EXIT_NON_FINITE, config_from_args, parser
 from fastnl.models import build_model
-from fastnl.train import EXIT_NON_FINITE, config_from_args, parser
 
 ENTRY = Path(__file__).with_name("distributed_entry.py")
 # 32 training images, global batch 8: 4 steps an epoch, each rank takes 4 images a step

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from fastnl import _extras
+from fastnl.app import _extras
 from fastnl.backends import _sources
 
 

@@ -1,6 +1,6 @@
 """python -m fastnl.reproduce table1 on tiny data: runs per seed, reuse, the Markdown table."""
+from fastnl.app.reproduce import PAPER_TABLE1, main
 from fastnl.models import PRESETS
-from fastnl.reproduce import PAPER_TABLE1, main
 
 
 def test_table1(image_folder, tmp_path, capsys):

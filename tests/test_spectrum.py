@@ -7,12 +7,12 @@ from PIL import Image
 from torch import nn
 
 from fastnl import NonlocalBlock, NonlocalStage
-from fastnl.checkpoint import save_checkpoint
+from fastnl.app.checkpoint import save_checkpoint
+from fastnl.app.spectrum import affinity_spectra, analyze, nonlocal_modules, weight_spectra
+from fastnl.app.spectrum.__main__ import FIGURES, main
+from fastnl.app.spectrum.affinity import capture_inputs, disc_distance
+from fastnl.app.spectrum.plot import save_affinity_figure, save_comparison_figure, save_weight_figure
 from fastnl.models import build_model
-from fastnl.spectrum import affinity_spectra, analyze, nonlocal_modules, weight_spectra
-from fastnl.spectrum.__main__ import FIGURES, main
-from fastnl.spectrum.affinity import capture_inputs, disc_distance
-from fastnl.spectrum.plot import save_affinity_figure, save_comparison_figure, save_weight_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

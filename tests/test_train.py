@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fastnl import backends
-from fastnl.checkpoint import load_model
-from fastnl.engine import train
-from fastnl.runlog import COLUMNS
-from fastnl.train import EXIT_NON_FINITE, config_from_args, main, parser
+from fastnl.app.checkpoint import load_model
+from fastnl.app.engine import train
+from fastnl.app.runlog import COLUMNS
+from fastnl.app.train import EXIT_NON_FINITE, config_from_args, main, parser
 
 QUICK = ["--device", "cpu", "--batch-size", "8", "--epochs", "2", "--milestones", "1"]
 

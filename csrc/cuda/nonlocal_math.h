@@ -6,7 +6,7 @@
 // fastnl.reference on a machine without a GPU. Only launch and memory plumbing is
 // left GPU-only.
 //
-// Notation as in DESIGN.md: query q_i (D), key k_j (D), value v_j (E), center c_i (E),
+// Notation as in docs/design.md: query q_i (D), key k_j (D), value v_j (E), center c_i (E),
 // p_ij = exp(scale q_i.k_j - lse_i), out_i = sum_j p_ij v_j [- c_i].
 // Tiles are row-major: `count` rows of `width` numbers, already in the accumulator type.
 //

@@ -13,7 +13,7 @@ Example: `proposed:3@2.2` is a 3-block nonlocal stage after the 2nd residual blo
 the 2nd residual stage; `original@1.2,original@2.2,original@3.2` puts one original
 block after the 2nd residual block of each stage.
 
-The paper's exact places do not survive (DESIGN.md), so the presets are this project's
+The paper's exact places do not survive (docs/design.md), so the presets are this project's
 choice, stated in docs/training.md:
 
 - same place (`original-K`, `proposed-K`): all blocks after residual block 2 of stage 2.

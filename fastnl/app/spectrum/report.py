@@ -3,8 +3,8 @@
 Kept apart from the CLI so that tests and notebooks can analyse any nn.Module
 without a checkpoint file or a data set.
 """
-from fastnl.spectrum.affinity import affinity_spectra
-from fastnl.spectrum.weights import weight_spectra
+from fastnl.app.spectrum.affinity import affinity_spectra
+from fastnl.app.spectrum.weights import weight_spectra
 
 
 def analyze(model, top=32, images=None):

@@ -9,7 +9,7 @@ stability argument.
 """
 import torch
 
-from fastnl.spectrum.discover import block_names, nonlocal_modules
+from fastnl.app.spectrum.discover import block_names, nonlocal_modules
 
 
 def symmetric_eigenvalues(weight):

@@ -6,7 +6,7 @@ the stability disc |lambda + 1| <= 1.
 """
 import math
 
-from fastnl._extras import require
+from fastnl.app._extras import require
 
 require("fastnl's spectrum figures", "matplotlib")
 import matplotlib  # noqa: E402  (after the check above)

@@ -1,8 +1,8 @@
 """`train(config)`: the whole training run, from data to final test accuracy.
 
 One function for the command line, `fastnl.reproduce` and torchrun: launched by
-torchrun, every rank runs it under DistributedDataParallel (fastnl.distributed) on
-its shard of each global batch (fastnl.data.epoch_batches, shard). Everything random
+torchrun, every rank runs it under DistributedDataParallel (fastnl.app.distributed) on
+its shard of each global batch (fastnl.app.data.epoch_batches, shard). Everything random
 comes from `config.seed`: torch's global generator (initialisation) and one data
 generator (shuffling, augmentation), drawn identically on every rank and saved in
 every checkpoint, which makes a resumed CPU run bit-identical to an uninterrupted one
@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from fastnl import backends
-from fastnl.checkpoint import load_checkpoint, save_checkpoint
-from fastnl.config import TrainConfig, resume_mismatches
-from fastnl.data import load_dataset
-from fastnl.distributed import Ranks, convert_sync_batchnorm
-from fastnl.loops import evaluate, train_one_epoch
+from fastnl import NonlocalBlock, NonlocalStage, backends
+from fastnl.app.checkpoint import load_checkpoint, save_checkpoint
+from fastnl.app.config import TrainConfig, resume_mismatches
+from fastnl.app.data import load_dataset
+from fastnl.app.distributed import Ranks, convert_sync_batchnorm
+from fastnl.app.loops import evaluate, train_one_epoch
+from fastnl.app.runlog import epoch_line, write_json, write_logs
 from fastnl.models import build_model
-from fastnl.modules import NonlocalBlock, NonlocalStage
-from fastnl.runlog import epoch_line, write_json, write_logs
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -72,7 +71,7 @@ def train(config):
     """Train per `config` (a TrainConfig); -> dict with the final epoch's row and run facts.
 
     Writes config.json, log.csv, log.json, checkpoint.pt (every epoch) and final.json
-    to config.out (rank 0 only, under torchrun). Raises fastnl.loops.NonFiniteLoss if
+    to config.out (rank 0 only, under torchrun). Raises fastnl.app.loops.NonFiniteLoss if
     the loss becomes NaN/inf (on every rank at the same step).
     """
     ranks = Ranks.from_environment()

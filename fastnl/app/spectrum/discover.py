@@ -4,7 +4,7 @@ The analysis needs nothing but an `nn.Module` that contains fastnl's modules, so
 works the same on a PreResNet from `fastnl.models`, a user's own network, or a bare
 `NonlocalStage` in a test.
 """
-from fastnl.modules import NonlocalBlock, NonlocalStage
+from fastnl import NonlocalBlock, NonlocalStage
 
 NONLOCAL_TYPES = (NonlocalBlock, NonlocalStage)
 

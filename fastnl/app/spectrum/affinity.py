@@ -2,15 +2,15 @@
 
 With a softmax kernel P = [w(i, j) / C_i] is row-stochastic, so the stage's update
 (P - I) v is the generator of a Markov jump process: by Gershgorin every eigenvalue
-of P - I lies in the disc |lambda + 1| <= 1 (DESIGN.md, "Why it is stable"). This
+of P - I lies in the disc |lambda + 1| <= 1 (docs/design.md, "Why the stage is stable"). This
 module checks that on a trained model: it captures each module's input with forward
 hooks, rebuilds P with the reference formula, and measures how far the eigenvalues
 of P - I stray outside the disc (zero up to rounding when the theory holds).
 """
 import torch
 
+from fastnl.app.spectrum.discover import nonlocal_modules
 from fastnl.reference import normalized_affinity
-from fastnl.spectrum.discover import nonlocal_modules
 
 
 def capture_inputs(model, images):

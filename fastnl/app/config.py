@@ -10,7 +10,7 @@ batch_size / K of it, so the recipe (and lr) does not change with the number of 
 """
 from dataclasses import asdict, dataclass, fields
 
-from fastnl.data import NUM_CLASSES
+from fastnl.app.data import NUM_CLASSES
 
 
 @dataclass

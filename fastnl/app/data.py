@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastnl._extras import require
+from fastnl.app._extras import require
 
 require("fastnl's CIFAR data loading", "numpy", "PIL", "tqdm")
 import numpy as np  # noqa: E402  (after the check above)

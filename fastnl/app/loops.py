@@ -12,8 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastnl.data import augment, draw_augmentation, epoch_batches, normalize, shard
-from fastnl.distributed import Ranks
+from fastnl.app.data import augment, draw_augmentation, epoch_batches, normalize, shard
+from fastnl.app.distributed import Ranks
 
 CHECK_EVERY = 20
 
@@ -52,7 +52,7 @@ class _Lines:
 
 def _progress_bar(batches, description, enabled):
     """tqdm on stderr: redrawn in place every 2 s on a terminal; piped, a line every 30 s."""
-    from tqdm import tqdm  # fastnl.data, imported above, has checked that it is installed
+    from tqdm import tqdm  # fastnl.app.data, imported above, has checked that it is installed
 
     if sys.stderr.isatty():
         return tqdm(batches, desc=description, file=sys.stderr, mininterval=2, disable=not enabled,

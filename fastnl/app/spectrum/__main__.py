@@ -1,0 +1,102 @@
+"""python -m fastnl.spectrum CHECKPOINT [--top 32] [--out DIR] [--compare OTHER]
+                           [--data DIR [--dataset cifar10] [--images K]]
+
+Writes DIR/spectrum.json and PNG figures (see docs/spectrum.md) and prints a summary.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from fastnl.app.checkpoint import load_model
+from fastnl.app.data import load_dataset, normalize
+from fastnl.app.spectrum.plot import save_affinity_figure, save_comparison_figure, save_weight_figure
+from fastnl.app.spectrum.report import analyze, summary_lines
+
+FIGURES = {
+    "weights": "weight_spectrum.png",
+    "comparison": "weight_spectrum_comparison.png",
+    "affinity": "affinity_spectrum.png",
+    "affinity_other": "affinity_spectrum_other.png",
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastnl.spectrum", description=(
+        "Spectra of trained nonlocal networks: eigenvalues of the symmetrised W_z W_g of every "
+        "block and, with --data, of the affinity P - I against the stability disc."))
+    parser.add_argument("checkpoint", help="a checkpoint written by fastnl.train")
+    parser.add_argument("--top", type=int, default=32, help="eigenvalues per block, by magnitude")
+    parser.add_argument("--out", help="output directory (default: CHECKPOINT's directory/spectrum)")
+    parser.add_argument("--compare", metavar="OTHER_CHECKPOINT",
+                        help="a second checkpoint, plotted beside the first with a shared y-axis")
+    parser.add_argument("--data", metavar="DIR", help="data directory: also analyse the affinity")
+    parser.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
+    parser.add_argument("--images", type=int, default=8, help="test images for the affinity")
+    args = parser.parse_args(argv)
+    if args.top < 1 or args.images < 1:
+        parser.error("--top and --images must be positive")
+    return args
+
+
+def checkpoint_label(path):
+    """"run/file" without the suffix: run directories name the experiment, files rarely do."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+def evaluation_images(data_dir, dataset, count):
+    """(images (count, 3, H, W) normalised as in training, their indices in the test split).
+
+    Indices are evenly spaced over the split, so a split stored class by class still
+    contributes every class; deterministic, so runs are comparable.
+    """
+    images, _ = load_dataset(dataset, data_dir, train=False)
+    indices = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long()
+    return normalize(images[indices], dataset), indices.tolist()
+
+
+def analyze_checkpoint(path, args):
+    """The JSON entry and affinity spectra of one checkpoint."""
+    model, config = load_model(path, map_location="cpu")
+    entry = {"checkpoint": str(path), "label": checkpoint_label(path), "config": config}
+    images = None
+    if args.data:
+        dataset = args.dataset or config.get("dataset", "cifar10")
+        images, indices = evaluation_images(args.data, dataset, args.images)
+        entry["images"] = {"dataset": dataset, "split": "test", "indices": indices}
+    report, spectra = analyze(model, args.top, images)
+    entry.update(report)
+    return entry, spectra
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "spectrum"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [args.checkpoint] + ([args.compare] if args.compare else [])
+    entries, figures = [], {}
+    for role, path in zip(("", "_other"), paths):
+        entry, spectra = analyze_checkpoint(path, args)
+        entries.append(entry)
+        print("\n".join(summary_lines(entry["label"], entry)))
+        if spectra:
+            figures["affinity" + role] = FIGURES["affinity" + role]
+            save_affinity_figure(spectra, f"{entry['label']}: eigenvalues of P - I",
+                                 out / figures["affinity" + role])
+    title = "top {} eigenvalues of sym. $W_z W_g$: {}"
+    figures["weights"] = FIGURES["weights"]
+    save_weight_figure(entries[0]["blocks"], title.format(args.top, entries[0]["label"]),
+                       out / figures["weights"])
+    if args.compare:
+        figures["comparison"] = FIGURES["comparison"]
+        save_comparison_figure([(entry["blocks"], title.format(args.top, entry["label"]))
+                                for entry in entries], out / figures["comparison"])
+    result = {"top": args.top, "checkpoints": entries, "figures": figures}
+    (out / "spectrum.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out / 'spectrum.json'} and {', '.join(sorted(figures.values()))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`python -m fastnl.train`: train a CIFAR (Pre)ResNet with nonlocal blocks.
+
+    python -m fastnl.train --data-dir DATA --preset proposed-3 --out runs/proposed-3
+    python -m fastnl.train --data-dir DATA --placement "original:2@2.2" --epochs 10 --out runs/x
+    python -m fastnl.train --data-dir DATA --preset proposed-3 --out runs/proposed-3 --resume
+    torchrun --standalone --nproc_per_node=4 -m fastnl.train --data-dir DATA --preset proposed-3 --sync-bn
+
+The command line only fills a TrainConfig; `fastnl.app.engine.train` does the work.
+"""
+import argparse
+import sys
+
+from fastnl.app.config import TrainConfig
+from fastnl.app.data import NUM_CLASSES
+from fastnl.app.loops import NonFiniteLoss
+from fastnl.models import ARCHS, PRESETS
+from fastnl.modules import MODES
+
+EXIT_NON_FINITE = 3
+
+
+def _ints(text):
+    return tuple(int(part) for part in text.split(",") if part)
+
+
+def parser():
+    """The argument parser; its defaults are TrainConfig's (He et al.'s PreResNet recipe)."""
+    default = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m fastnl.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Recipe (defaults): SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 164 epochs, "
+               "lr divided by 10 after epochs 81 and 122 (He et al., PreResNet on CIFAR). "
+               "Placement specs: KIND[:COUNT]@STAGE.BLOCK[,...], e.g. proposed:3@2.2 "
+               "(see fastnl/models/placement.py and docs/training.md).")
+    p.add_argument("--dataset", choices=sorted(NUM_CLASSES), default=default.dataset)
+    p.add_argument("--data-dir", default=default.data_dir,
+                   help="holds cifar-10-batches-py/ (or cifar-100-python/), downloaded if missing, "
+                        "or an ImageFolder tree train/<class>/, test/<class>/")
+    p.add_argument("--cache-dir", default=None,
+                   help="where decoded ImageFolder tensors are cached; None: $FASTNL_CACHE_DIR "
+                        "or ~/.cache/fastnl")
+    p.add_argument("--arch", choices=sorted(ARCHS), default=default.arch)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--preset", choices=list(PRESETS), help="a Table 1 row; None (and no --placement): baseline")
+    where.add_argument("--placement", help="a placement spec, e.g. 'proposed:3@2.2'")
+    p.add_argument("--mode", choices=sorted(MODES), default=default.mode, help="nonlocal affinity kernel")
+    p.add_argument("--backend", default=None,
+                   help="nonlocal op backend (fastnl.backends names); None: the device's fastest")
+    p.add_argument("--out", default=default.out, help="directory for config.json, logs, checkpoint")
+    p.add_argument("--epochs", type=int, default=default.epochs)
+    p.add_argument("--lr", type=float, default=default.lr)
+    p.add_argument("--momentum", type=float, default=default.momentum)
+    p.add_argument("--weight-decay", type=float, default=default.weight_decay)
+    p.add_argument("--batch-size", type=int, default=default.batch_size,
+                   help="the global batch: under torchrun each of K ranks takes batch-size / K, so lr "
+                        "stays as it is; if you scale the global batch by k, scale --lr by k (Goyal et al.)")
+    p.add_argument("--milestones", type=_ints, default=default.milestones,
+                   help="comma-separated epochs after which lr is multiplied by --gamma")
+    p.add_argument("--gamma", type=float, default=default.gamma)
+    p.add_argument("--seed", type=int, default=default.seed)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1; None: cuda if available")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype (GPU)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, the "
+                        "nonlocal blocks' too), not each rank's shard")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="train on N images (a seeded random subset) for quick runs")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    return p
+
+
+def config_from_args(args):
+    values = vars(args)
+    preset, spec = values.pop("preset"), values.pop("placement")
+    return TrainConfig(placement=preset or spec or "baseline", **values)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from fastnl.app.distributed import Ranks  # after parsing, so --help stays fast
+    from fastnl.app.engine import train
+
+    ranks = Ranks.from_environment()
+    try:
+        final = train(config_from_args(args))
+    except NonFiniteLoss as error:
+        if ranks.is_main:  # every rank stops at the same step; one message is enough
+            print(f"fastnl.train: stopped: {error}. Lower --lr or check the data; the last good "
+                  f"checkpoint (if any) is kept.", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except Exception as error:
+        if ranks.launched:  # torchrun then stops the other ranks; say which one failed and why
+            print(f"fastnl.train: rank {ranks.rank} of {ranks.world_size} failed "
+                  f"({type(error).__name__}: {error}); stopping the job", file=sys.stderr)
+        raise
+    if ranks.is_main and "test_acc" in final:
+        print(f"final epoch {final['epoch']}: test accuracy {final['test_acc']:.4f} "
+              f"(error {final['test_error']:.2f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
