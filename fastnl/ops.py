@@ -1,6 +1,6 @@
 """The fused operators as `torch.library` custom ops, with autograd and fake kernels.
 
-Three forward ops (softmax with and without known row statistics, dot, concat) and
+Four forward ops (softmax without and with known row statistics, dot, concat) and
 their backward ops. Each takes the backend's name and calls that module
 (`fastnl.backends`); the ops own the contract with PyTorch (shapes, autograd,
 torch.compile), the backends own the arithmetic.

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not
 KERNELS = ["softmax", "dot", "concat"]
 
 # (B, N, M, D, E); concat always runs with D = 1. The softmax tiles are 64 query rows x
-# 256 keys forward, 32 x 128 backward, vectors of 16 floats / 8 doubles.
+# 128 keys forward, 32 x 128 backward (csrc/cpu/softmax.cpp), vectors of 16 floats / 8
+# doubles.
 SHAPES = [
     (1, 1, 1, 8, 1),  # N = M = 1: one row, one key, E narrower than a vector
     (2, 1, 300, 8, 16),  # N = 1 against a full and a partial forward key tile

@@ -5,7 +5,7 @@ call with the host compiler and runs them in loops that mirror the kernels (rows
 against tiles of 64), with the backend contract's signatures, and dispatches the same
 width buckets (SHAPES covers each of 16, 32, 64, 128). What this cannot check
 is the GPU-only plumbing: shared-memory staging, launch, half-precision loads; the
-`gpu` tests in test_gpu_backends.py do. The first run compiles (about 40 s on 2 cores).
+`gpu` tests in test_gpu_backends.py do. The first run compiles the host build.
 """
 import pytest
 import torch

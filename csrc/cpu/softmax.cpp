@@ -27,7 +27,8 @@
 namespace fastnl {
 namespace {
 
-// rows x keys per tile; measured on B=16, N=1024, D=8, E=16 (benchmarks/test_cpp_bench.py)
+// rows x keys per tile, the fastest in a sweep of benchmarks/test_cpp_bench.py at B=16,
+// N=1024, D=8, E=16
 constexpr int64_t kForwardQueryTile = 64;
 constexpr int64_t kForwardKeyTile = 128;
 constexpr int64_t kBackwardQueryTile = 32;

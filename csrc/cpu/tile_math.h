@@ -102,10 +102,9 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
 // Flush-to-zero and denormals-are-zero on this thread while in scope (x86; elsewhere
 // nothing). A trained affinity is sharp: many shifted logits fall below -87, where
 // e^x is a denormal float, and on x86 every instruction that reads or writes a
-// denormal takes a microcode assist. Measured: the softmax fwd+bwd at logit scale 10
-// ran 13x slower, and a PreResNet-20 with a 3-block stage trained at half speed from
-// its second epoch. Values below 1.2e-38 then count as 0, far below float32's
-// resolution of the row sums (>= 1) they are added to. Worker threads are pooled, so
+// denormal takes a microcode assist, which slows the kernels several times over (the
+// benchmarks' "logits x 10" group times it). Values below 1.2e-38 then count as 0, far
+// below float32's resolution of the row sums (>= 1) they are added to. Worker threads are pooled, so
 // the previous mode is restored on exit.
 class FlushDenormals {
  public:

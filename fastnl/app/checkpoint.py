@@ -1,7 +1,8 @@
 """Checkpoints: atomic saving, and rebuilding a trained model from one file.
 
 A checkpoint is a dict saved with torch.save; training writes
-`{"model", "optimizer", "scheduler", "rng", "epoch", "history", "config"}`, where
+`{"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "history",
+"config"}`, where
 `config["model"]` holds exactly the keyword arguments of `fastnl.models.build_model`,
 so analysis code (e.g. `python -m fastnl.spectrum`) needs nothing but the file.
 """

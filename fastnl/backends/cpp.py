@@ -24,7 +24,7 @@ from fastnl.backends._sources import extension_name, source_dir
 
 # vector capability -> compiler flags; CPU_CAPABILITY_* selects at::vec's implementation.
 # -mtune=native: the kernels are built on the machine that runs them, so the schedule
-# can fit its core (instruction set unchanged); measured 3-5% off the softmax backward.
+# can fit its core (the instruction set is unchanged).
 _CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mtune=native"],

@@ -22,10 +22,10 @@ def accumulate_dtype(dtype):
 
 # The shifted logit below which e^x is a denormal (float32: below 1.2e-38). On x86
 # CPUs every operation that reads or writes a denormal takes a microcode assist, and a
-# trained block's sharp affinity produces many: fwd+bwd at B16 N1024 with logits x 10
-# took 694 ms instead of 78. Clamping there (e^x >= 1.2e-38, a change below 1e-38 of a
-# row sum >= 1) brings it to 130-150 ms; the rest is denormal products inside the
-# matmuls, which only a flush-to-zero mode on torch's worker threads would remove.
+# trained block's sharp affinity produces many; clamping there changes a row sum >= 1
+# by less than 1e-38 and removes most of them (the benchmarks' "logits x 10" group
+# times it). The rest are denormal products inside the matmuls, which only a
+# flush-to-zero mode on torch's worker threads would remove.
 _DENORMAL_BELOW = {torch.float32: -87.3, torch.float64: -708.3}
 
 
