@@ -11,7 +11,7 @@ from fastnl import backends
 from fastnl.app.checkpoint import load_model
 from fastnl.app.engine import train
 from fastnl.app.runlog import COLUMNS
-from fastnl.app.train import EXIT_NON_FINITE, config_from_args, main, parser
+from fastnl.app.train import EXIT_NON_FINITE, config_for, config_from_args, main, parser
 
 QUICK = ["--device", "cpu", "--batch-size", "8", "--epochs", "2", "--milestones", "1"]
 
@@ -63,6 +63,21 @@ def test_resume_refuses_other_settings(image_folder, tmp_path):
     train(_config(image_folder, tmp_path, "--epochs", "1", "--max-steps", "1"))
     with pytest.raises(ValueError, match="lr"):
         train(_config(image_folder, tmp_path, "--lr", "0.2", "--resume"))
+
+
+def test_resume_restores_the_runs_settings(image_folder, tmp_path):
+    """--out DIR --resume alone continues the run as it was set up; a longer --epochs is
+    accepted, a flag that changes what is computed is refused by name."""
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(image_folder), "--out", str(out), "--preset", "proposed-2", *QUICK,
+                 "--lr", "0.05", "--train-subset", "16", "--epochs", "1"]) == 0
+    resumed = config_for(["--out", str(out), "--resume", "--epochs", "2"])
+    assert (resumed.placement, resumed.lr, resumed.batch_size, resumed.train_subset, resumed.data_dir,
+            resumed.epochs, resumed.resume) == ("proposed-2", 0.05, 8, 16, str(image_folder), 2, True)
+    assert main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in json.loads((out / "log.json").read_text())] == [1, 2]
+    with pytest.raises(ValueError, match="--resume: --lr differ from the checkpoint's settings"):
+        main(["--out", str(out), "--resume", "--epochs", "3", "--lr", "0.2"])
 
 
 def test_non_finite_loss_stops(image_folder, tmp_path, capsys):

@@ -14,6 +14,8 @@ import torch
 
 from fastnl.models import build_model
 
+CHECKPOINT = "checkpoint.pt"  # the file a run keeps in its --out
+
 
 def save_checkpoint(path, state):
     """torch.save `state` to `path` atomically: a reader sees the old file or the new one.

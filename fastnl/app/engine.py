@@ -15,15 +15,13 @@ from pathlib import Path
 import torch
 
 from fastnl import NonlocalBlock, NonlocalStage, backends
-from fastnl.app.checkpoint import load_checkpoint, save_checkpoint
+from fastnl.app.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fastnl.app.config import TrainConfig, resume_mismatches
 from fastnl.app.data import load_dataset
 from fastnl.app.distributed import Ranks, convert_sync_batchnorm
 from fastnl.app.loops import evaluate, train_one_epoch
 from fastnl.app.runlog import epoch_line, write_json, write_logs
 from fastnl.models import build_model
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def _nonlocal_backend(model, config, device):
@@ -111,7 +109,10 @@ def _train(config, ranks, device):
         state = load_checkpoint(checkpoint_path, map_location=device)
         mismatches = resume_mismatches(TrainConfig.from_dict(state["config"]), config)
         if mismatches:
-            raise ValueError(f"--resume: settings differ from the checkpoint's: {', '.join(mismatches)}")
+            flags = ["--preset/--placement" if name == "placement" else f"--{name.replace('_', '-')}"
+                     for name in mismatches]
+            raise ValueError(f"--resume: {', '.join(flags)} differ from the checkpoint's settings; drop them "
+                             f"to continue the run as it was, or start a new --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -2,14 +2,16 @@
 
     python -m fastnl.train --data-dir DATA --preset proposed-3 --out runs/proposed-3
     python -m fastnl.train --data-dir DATA --placement "original:2@2.2" --epochs 10 --out runs/x
-    python -m fastnl.train --data-dir DATA --preset proposed-3 --out runs/proposed-3 --resume
+    python -m fastnl.train --out runs/proposed-3 --resume
     torchrun --standalone --nproc_per_node=4 -m fastnl.train --data-dir DATA --preset proposed-3 --sync-bn
 
 The command line only fills a TrainConfig; `fastnl.app.engine.train` does the work.
 """
 import argparse
 import sys
+from pathlib import Path
 
+from fastnl.app.checkpoint import CHECKPOINT, load_checkpoint
 from fastnl.app.config import TrainConfig
 from fastnl.app.data import NUM_CLASSES
 from fastnl.app.loops import NonFiniteLoss
@@ -69,24 +71,50 @@ def parser():
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--train-subset", type=int, default=None,
                    help="train on N images (a seeded random subset) for quick runs")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings stored in its checkpoint; options given "
+                        "beside it override them unless they change what is computed")
     return p
 
 
 def config_from_args(args):
-    values = vars(args)
+    values = dict(vars(args))
     preset, spec = values.pop("preset"), values.pop("placement")
     return TrainConfig(placement=preset or spec or "baseline", **values)
 
 
-def main(argv=None):
+def _given_options(argv):
+    """The destinations of the options written on this command line (not defaults)."""
+    quiet = parser()
+    for action in quiet._actions:  # argparse's own way to leave an absent option unset
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def config_for(argv=None):
+    """The run's TrainConfig. With --resume, the settings stored in the checkpoint in
+    --out, so a resumed run needs no flags retyped, with the options written on this
+    command line on top; the engine then refuses those that change what is computed."""
     args = parser().parse_args(argv)
+    config = config_from_args(args)
+    checkpoint_path = Path(args.out) / CHECKPOINT
+    if not args.resume or not checkpoint_path.exists():
+        return config  # without a checkpoint the engine says so
+    resumed = TrainConfig.from_dict(load_checkpoint(checkpoint_path)["config"])
+    for name in _given_options(sys.argv[1:] if argv is None else argv) | {"out", "resume"}:
+        field = "placement" if name in ("preset", "placement") else name
+        setattr(resumed, field, getattr(config, field))
+    return resumed
+
+
+def main(argv=None):
+    config = config_for(argv)
     from fastnl.app.distributed import Ranks  # after parsing, so --help stays fast
     from fastnl.app.engine import train
 
     ranks = Ranks.from_environment()
     try:
-        final = train(config_from_args(args))
+        final = train(config)
     except NonFiniteLoss as error:
         if ranks.is_main:  # every rank stops at the same step; one message is enough
             print(f"fastnl.train: stopped: {error}. Lower --lr or check the data; the last good "
