@@ -3,13 +3,12 @@ import math
 
 import torch
 
-KERNELS = ("softmax", "dot", "concat")
+from fastnl import affinities
 
 
 def check_operands(query, key, value, center, kernel, scale, *, need_square):
     """Raise a ValueError/TypeError naming the offending argument; return nothing."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    affinity = affinities.get(kernel)  # a ValueError naming the kernels when unknown
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     named = {"query": query, "key": key, "value": value}
@@ -42,8 +41,9 @@ def check_operands(query, key, value, center, kernel, scale, *, need_square):
         raise ValueError("key has no positions (M = 0): the normalisation 1/C_i is undefined")
     if width == 0:
         raise ValueError("query and key have width D = 0: there is no affinity to compute")
-    if kernel == "concat" and width != 1:
-        raise ValueError(f"kernel='concat' needs query and key of width D=1 (w = relu(q_i + k_j)), got D={width}")
+    if affinity.width is not None and width != affinity.width:
+        raise ValueError(f"kernel={kernel!r} needs query and key of width D={affinity.width} "
+                         f"({affinity.formula}), got D={width}")
     if center is not None and center.shape != (batch, num_queries, value.shape[2]):
         raise ValueError(
             f"center must have shape (B, N, E) = {(batch, num_queries, value.shape[2])}, got {tuple(center.shape)}"

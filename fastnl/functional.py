@@ -1,5 +1,5 @@
 """The public functional API: nonlocal_aggregate, nonlocal_diffuse, nonlocal_attend."""
-from fastnl import backends, ops, reference
+from fastnl import affinities, backends, ops, reference
 from fastnl._checks import check_log_normalizer, check_operands
 
 
@@ -26,14 +26,17 @@ def _attend(query, key, value, center, kernel, scale, backend, log_normalizer=No
         if center is None:
             return reference.aggregate(query, key, value, kernel=kernel, scale=scale), None
         return reference.diffuse(query, key, value, center, kernel=kernel, scale=scale), None
-    backend = backends.resolve(backend, query.device.type, (query.shape[-1], value.shape[-1]))
+    backend = backends.resolve(backend, query.device.type, (query.shape[-1], value.shape[-1]), kernel)
     scale = float(scale)
-    if kernel == "softmax":
+    affinity = affinities.get(kernel)
+    if affinity.normalisation == "softmax":
+        if affinity.prepare is not None:
+            query, key = affinity.prepare(query, key)
         if log_normalizer is None:
             return ops.softmax_forward(query, key, value, center, scale, backend)
         out = ops.softmax_forward_with_stats(query, key, value, center, log_normalizer, scale, backend)
         return out, log_normalizer
-    forward = ops.dot_forward if kernel == "dot" else ops.concat_forward
+    forward, _ = ops.linear_ops(kernel)
     return forward(query, key, value, center, scale, backend)[0], None
 
 

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from fastnl import affinities
 from fastnl.functional import nonlocal_attend
 
 MODES = {
@@ -75,7 +76,8 @@ class Affinity(nn.Module):
             # concat_project's weight split in its theta and phi halves
             self.project_query = conv(inter_channels, 1, kernel_size=1, bias=False)
             self.project_key = conv(inter_channels, 1, kernel_size=1, bias=False)
-        self.scale = 1.0 / math.sqrt(width) if use_scale and self.kernel == "softmax" else 1.0
+        softmax = affinities.get(self.kernel).normalisation == "softmax"
+        self.scale = 1.0 / math.sqrt(width) if use_scale and softmax else 1.0
 
     def forward(self, x):
         theta, phi = self.theta(x), self.phi(x)

@@ -1,7 +1,8 @@
 """The fused operators as `torch.library` custom ops, with autograd and fake kernels.
 
-Four forward ops (softmax without and with known row statistics, dot, concat) and
-their backward ops. Each takes the backend's name and calls that module
+The softmax ops (forward without and with known row statistics, backward) serve every
+softmax-normalised kernel; each mean-normalised kernel of fastnl.affinities gets its own
+forward and backward pair (`linear_ops`). Each takes the backend's name and calls that module
 (`fastnl.backends`); the ops own the contract with PyTorch (shapes, autograd,
 torch.compile), the backends own the arithmetic.
 
@@ -120,7 +121,7 @@ softmax_forward_with_stats.register_autograd(
 )
 
 
-# --- dot and concat: linear / N log N, normalised by M -----------------------------
+# --- the mean-normalised kernels (dot, concat, ...): linear / N log N, normalised by M ---
 
 
 def _define_linear_kernel(name):
@@ -166,5 +167,12 @@ def _define_linear_kernel(name):
     return forward_op, backward_op
 
 
-dot_forward, dot_backward = _define_linear_kernel("dot")
-concat_forward, concat_backward = _define_linear_kernel("concat")
+_LINEAR_OPS = {}  # kernel name -> (forward, backward); a plain dict, which torch.compile reads
+
+
+def linear_ops(name):
+    """(forward, backward): the custom ops of the mean-normalised kernel `name`, defined
+    on first request (fastnl.affinities.register makes it when the kernel is added)."""
+    if name not in _LINEAR_OPS:
+        _LINEAR_OPS[name] = _define_linear_kernel(name)
+    return _LINEAR_OPS[name]

@@ -6,22 +6,19 @@ O(N x M) memory: use them for checking, never for training.
 """
 import torch
 
+from fastnl import affinities
+
 
 def normalized_affinity(query, key, *, kernel="softmax", scale=1.0):
-    """P[b, i, j] = w(i, j) / C_i, shape (B, N, M).
-
-    softmax: w = exp(scale * q_i . k_j), C_i = sum_j w(i, j)
-    dot:     w = scale * q_i . k_j,      C_i = M
-    concat:  w = scale * relu(q_i + k_j) (D == 1), C_i = M
-    """
-    num_keys = key.shape[1]
-    if kernel == "softmax":
-        return torch.softmax(scale * (query @ key.transpose(1, 2)), dim=-1)
-    if kernel == "dot":
-        return scale * (query @ key.transpose(1, 2)) / num_keys
-    if kernel == "concat":
-        return scale * torch.relu(query + key.transpose(1, 2)) / num_keys
-    raise ValueError(f"unknown kernel {kernel!r}")
+    """P[b, i, j] = w(i, j) / C_i, shape (B, N, M), for a kernel of fastnl.affinities:
+    softmax of its scores (C_i = sum_j w), or its scores / M (C_i = M)."""
+    affinity = affinities.get(kernel)
+    if affinity.prepare is not None:
+        query, key = affinity.prepare(query, key)
+    scores = affinity.scores(query, key, scale)
+    if affinity.normalisation == "softmax":
+        return torch.softmax(scores, dim=-1)
+    return scores / key.shape[1]
 
 
 def aggregate(query, key, value, *, kernel="softmax", scale=1.0):

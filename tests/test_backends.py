@@ -4,9 +4,9 @@ import torch
 from conftest import assert_close_to_truth, cpu_backends
 
 import fastnl
-from fastnl import reference
+from fastnl import affinities, reference
 
-KERNELS = ["softmax", "dot", "concat"]
+KERNELS = affinities.names()  # every registered kernel
 
 # (B, N, M, D, E); concat always runs with D = 1
 SHAPES = [
@@ -23,7 +23,7 @@ OPERATIONS = ["aggregate", "diffuse_center", "diffuse_default"]
 
 def make_inputs(shape, kernel, dtype, magnitude=1.0):
     batch, num_queries, num_keys, width, value_width = shape
-    width = 1 if kernel == "concat" else width
+    width = affinities.get(kernel).width or width
     query = magnitude * torch.randn(batch, num_queries, width, dtype=torch.float64)
     key = magnitude * torch.randn(batch, num_keys, width, dtype=torch.float64)
     value = torch.randn(batch, num_keys, value_width, dtype=torch.float64)

@@ -4,7 +4,7 @@ import torch
 from conftest import cpu_backends
 
 import fastnl
-from fastnl import reference
+from fastnl import affinities, reference
 
 
 def operands(batch=2, num_queries=5, num_keys=5, width=4, value_width=3, dtype=torch.float32):
@@ -65,10 +65,10 @@ def test_unavailable_backend_is_a_clear_error():
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("kernel", ["softmax", "dot", "concat"])
+@pytest.mark.parametrize("kernel", affinities.names())
 @pytest.mark.parametrize("where", ["query", "key", "value"])
 def test_nan_in_gives_nan_out(backend, kernel, where):
-    width = 1 if kernel == "concat" else 4
+    width = affinities.get(kernel).width or 4
     query, key, value = operands(width=width, num_keys=6, dtype=torch.float64)
     {"query": query, "key": key, "value": value}[where][1, 2, 0] = float("nan")
     out = fastnl.nonlocal_aggregate(query, key, value, kernel=kernel, backend=backend)
@@ -82,12 +82,12 @@ def test_nan_in_gives_nan_out(backend, kernel, where):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("kernel", ["softmax", "dot", "concat"])
+@pytest.mark.parametrize("kernel", affinities.names())
 @pytest.mark.parametrize("empty", ["batch", "queries", "value width"])
 def test_empty_dimensions_give_empty_results(backend, kernel, empty):
     sizes = {"batch": 0, "num_queries": 0, "value_width": 0}
     key_name = {"batch": "batch", "queries": "num_queries", "value width": "value_width"}[empty]
-    query, key, value = operands(width=1 if kernel == "concat" else 4, num_keys=6, **{key_name: sizes[key_name]})
+    query, key, value = operands(width=affinities.get(kernel).width or 4, num_keys=6, **{key_name: sizes[key_name]})
     for tensor in (query, key, value):
         tensor.requires_grad_()
     out = fastnl.nonlocal_aggregate(query, key, value, kernel=kernel, backend=backend)

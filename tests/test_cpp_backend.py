@@ -11,13 +11,13 @@ import torch
 from conftest import assert_close_to_truth
 
 import fastnl
-from fastnl import backends, reference
+from fastnl import affinities, backends, reference
 from fastnl.backends import cpp
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
 
-KERNELS = ["softmax", "dot", "concat"]
+KERNELS = affinities.names()  # every registered kernel
 
 # (B, N, M, D, E); concat always runs with D = 1. The softmax tiles are 64 query rows x
 # 128 keys forward, 32 x 128 backward (csrc/cpu/softmax.cpp), vectors of 16 floats / 8
@@ -37,7 +37,7 @@ FLOAT32_TOLERANCE = dict(atol=2e-5, rtol=1e-4)
 
 def make_inputs(shape, kernel, dtype=torch.float64, magnitude=1.0, seed=0):
     batch, num_queries, num_keys, width, value_width = shape
-    width = 1 if kernel == "concat" else width
+    width = affinities.get(kernel).width or width
     generator = torch.Generator().manual_seed(seed)
     sizes = [(num_queries, width), (num_keys, width), (num_keys, value_width), (num_queries, value_width)]
     tensors = [torch.randn(batch, *size, generator=generator, dtype=torch.float64) for size in sizes]

@@ -15,7 +15,7 @@ import torch
 from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 
 import fastnl
-from fastnl import backends
+from fastnl import affinities, backends
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,8 +33,7 @@ SHAPES = [
     (2, 100, 77, 128, 128),   # the widest rows
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CASES = [("triton", "softmax"), ("triton", "dot"), ("triton", "concat"),
-         ("cuda", "softmax"), ("cuda", "dot"), ("cuda", "concat")]
+CASES = [(backend, kernel) for backend in ("triton", "cuda") for kernel in affinities.names()]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -45,8 +44,7 @@ def test_matches_reference_on_gpu(backend, kernel, shape, dtype, mode):
     batch, num_queries, num_keys, width_qk, width_v = shape
     if mode == "diffuse_value":
         num_keys = num_queries
-    if kernel == "concat":
-        width_qk = 1
+    width_qk = affinities.get(kernel).width or width_qk
     inputs = make_inputs((batch, num_queries, num_keys, width_qk, width_v), dtype, mode, device="cuda")
     scale = 0.5 if kernel == "softmax" else 1.0
     results = backend_results(kernel, mode, backend, *inputs, scale)

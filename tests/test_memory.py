@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastnl import affinities
 from fastnl.backends import torch_tiled
 
 
@@ -23,9 +24,9 @@ class LargestTensor(TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("kernel", ["softmax", "dot", "concat"])
+@pytest.mark.parametrize("kernel", affinities.names())
 def test_no_quadratic_tensor(kernel):
-    num_positions, width, value_width = 2048, 1 if kernel == "concat" else 8, 16
+    num_positions, width, value_width = 2048, affinities.get(kernel).width or 8, 16
     query = torch.randn(1, num_positions, width)
     key = torch.randn(1, num_positions, width)
     value = torch.randn(1, num_positions, value_width)

@@ -4,11 +4,14 @@ import torch
 from conftest import cpu_backends
 
 import fastnl
-from fastnl import ops
+from fastnl import affinities, ops
+
+# the mean-normalised kernels, each with its own pair of ops (softmax ones share theirs)
+MEAN_KERNELS = [name for name in affinities.names() if affinities.get(name).normalisation == "mean"]
 
 
 def sample(kernel, dtype=torch.float64, requires_grad=True, square=False):
-    width = 1 if kernel == "concat" else 8
+    width = affinities.get(kernel).width or 8
     num_keys = 13 if square else 21
     tensors = (
         torch.randn(2, 13, width, dtype=dtype),
@@ -22,7 +25,7 @@ def sample(kernel, dtype=torch.float64, requires_grad=True, square=False):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("with_center", [False, True])
 def test_opcheck_forward_ops(backend, with_center):
-    for kernel, op in [("softmax", ops.softmax_forward), ("dot", ops.dot_forward), ("concat", ops.concat_forward)]:
+    for kernel, op in [("softmax", ops.softmax_forward)] + [(k, ops.linear_ops(k)[0]) for k in MEAN_KERNELS]:
         query, key, value, center = sample(kernel)
         torch.library.opcheck(op, (query, key, value, center if with_center else None, 0.5, backend))
     query, key, value, center = sample("softmax")
@@ -37,7 +40,8 @@ def test_opcheck_backward_ops(backend):
     out, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
     grad = torch.randn_like(out)
     torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, lse, 0.5, backend))
-    for kernel, op in [("dot", ops.dot_backward), ("concat", ops.concat_backward)]:
+    for kernel in MEAN_KERNELS:
+        op = ops.linear_ops(kernel)[1]
         query, key, value, center = sample(kernel, requires_grad=False)
         torch.library.opcheck(op, (grad, query, key, value, center, 0.5, backend))
 
@@ -56,8 +60,8 @@ def test_opcheck_ops_on_transposed_inputs(backend):
     grad = _transposed(torch.randn_like(out))
     torch.library.opcheck(ops.softmax_forward, (query, key, value, center, 0.5, backend))
     torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, lse, 0.5, backend))
-    for kernel, forward, backward in [("dot", ops.dot_forward, ops.dot_backward),
-                                      ("concat", ops.concat_forward, ops.concat_backward)]:
+    for kernel in MEAN_KERNELS:
+        forward, backward = ops.linear_ops(kernel)
         query, key, value, center = (_transposed(t) for t in sample(kernel, requires_grad=False))
         torch.library.opcheck(forward, (query, key, value, center, 0.5, backend))
         torch.library.opcheck(backward, (grad, query, key, value, center, 0.5, backend))

@@ -13,7 +13,7 @@ import torch
 from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
 
 import fastnl
-from fastnl import backends
+from fastnl import affinities, backends
 
 pytestmark = [
     pytest.mark.skipif(
@@ -32,14 +32,14 @@ SHAPES = [
     (1, 17, 64, 8, 16),   # one partial query tile against four key tiles
 ]
 DTYPES = [torch.float32, torch.float16]
-KERNELS = ["softmax", "dot", "concat"]
+KERNELS = affinities.names()  # every registered kernel
 
 
 def _shape_for(kernel, mode, shape):
     batch, num_queries, num_keys, width_qk, width_v = shape
     if mode == "diffuse_value":
         num_keys = num_queries
-    return batch, num_queries, num_keys, 1 if kernel == "concat" else width_qk, width_v
+    return batch, num_queries, num_keys, affinities.get(kernel).width or width_qk, width_v
 
 
 @pytest.mark.parametrize("mode", MODES)

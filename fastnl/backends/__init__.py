@@ -16,15 +16,16 @@ contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or
         no online rescaling) and return it.
     softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale)
         -> (grad_query, grad_key, grad_value)
-    dot_forward(query, key, value, center, scale) -> (out, row_weight)
-        w_ij = scale q_i.k_j, C_i = M; row_weight_i = sum_j w_ij / M (B, N);
+    NAME_forward(query, key, value, center, scale) -> (out, row_weight)
+        for each mean-normalised kernel NAME of fastnl.affinities it implements (dot,
+        concat): w_ij its weights, C_i = M; row_weight_i = sum_j w_ij / M (B, N);
         out_i = sum_j w_ij v_j / M - [row_weight_i c_i]
-    dot_backward(grad_out, query, key, value, center, scale)
+    NAME_backward(grad_out, query, key, value, center, scale)
         -> (grad_query, grad_key, grad_value)
-    concat_forward(query, key, value, center, scale) -> (out, row_weight)
-        as dot with w_ij = scale relu(q_i + k_j), D = 1
-    concat_backward(grad_out, query, key, value, center, scale)
-        -> (grad_query, grad_key, grad_value)
+
+Softmax-normalised kernels all run softmax_forward / softmax_backward (a kernel's
+`prepare` has mapped query and key before); a backend without NAME_forward does not run
+kernel NAME, and `resolve` passes it over.
 
 The center's gradient is -grad_out (softmax) or -row_weight * grad_out (dot, concat);
 `fastnl.ops` forms it, so backward functions return only the three above.
@@ -34,6 +35,8 @@ import importlib
 import warnings
 
 import torch
+
+from fastnl import affinities
 
 # name -> module, in order of preference for backend=None on each device type
 _MODULES = {
@@ -78,10 +81,17 @@ def refuse_widths_above(limit):
     return refuses
 
 
-def width_refusal(name, width_qk, width_v):
-    """None if backend `name` takes query/key width D and value width E, else why not."""
-    refuses = getattr(_load(name), "refuses", None)
-    return None if refuses is None else refuses(width_qk, width_v)
+def refusal(name, kernel=None, widths=None):
+    """None if backend `name` implements `kernel` (softmax-normalised kernels all run its
+    softmax functions, a mean-normalised one needs its own) and takes the widths (D, E),
+    else why not; None arguments are not checked."""
+    module = _load(name)
+    if kernel is not None:
+        function = "softmax" if affinities.get(kernel).normalisation == "softmax" else kernel
+        if not hasattr(module, f"{function}_forward"):
+            return f"it does not implement kernel {kernel!r}"
+    refuses = getattr(module, "refuses", None)
+    return None if refuses is None or widths is None else refuses(*widths)
 
 
 @functools.cache
@@ -91,23 +101,23 @@ def _warn_passed_over(name, reason, chosen):
 
 
 @torch.compiler.assume_constant_result  # decided while tracing; no graph break
-def resolve(name, device_type, widths=None):
+def resolve(name, device_type, widths=None, kernel=None):
     """The backend name to use: `name` checked, or the preferred one when None.
 
-    With `widths` (D, E), a preferred backend that refuses them is passed over with one
-    warning per reason; an explicitly named one raises instead.
+    With `widths` (D, E) and `kernel`, a preferred backend that refuses them is passed
+    over with one warning per reason; an explicitly named one raises instead.
     """
     if name is None:
         passed_over = []
         for candidate in _PREFERENCE.get(device_type, ["torch"]):
             if unavailable_reason(candidate, device_type) is not None:
                 continue
-            refusal = None if widths is None else width_refusal(candidate, *widths)
-            if refusal is None:
+            reason = refusal(candidate, kernel, widths)
+            if reason is None:
                 for skipped, reason in passed_over:
                     _warn_passed_over(skipped, reason, candidate)
                 return candidate
-            passed_over.append((candidate, refusal))
+            passed_over.append((candidate, reason))
         return "torch"
     if name not in _MODULES:
         raise ValueError(
@@ -116,9 +126,9 @@ def resolve(name, device_type, widths=None):
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available on {device_type}: {reason}")
-    refusal = None if widths is None else width_refusal(name, *widths)
-    if refusal is not None:
-        raise ValueError(f"backend {name!r} cannot take these operands: {refusal}; use backend=None or 'torch'")
+    reason = refusal(name, kernel, widths)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} cannot take these operands: {reason}; use backend=None or 'torch'")
     return name
 
 
