@@ -10,7 +10,7 @@ from setuptools import setup
 
 TRAIN = ["numpy", "pillow", "tqdm", "matplotlib", "torchvision>=0.26"]
 TEST = ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout"]
-LINT = ["ruff"]
+LINT = ["ruff", "clang-format"]
 
 setup(
     name="fastnl",

@@ -45,9 +45,8 @@ void sorted_suffix_sums(const T* thresholds, int64_t n, const T* sort_by, int64_
   }
   for (int64_t i = 0; i < n; ++i) {
     const T bound = -thresholds[i];
-    const auto first_active = std::partition_point(order.begin(), order.end(), [&](int64_t r) {
-      return !(std::isnan(sort_by[r]) || sort_by[r] > bound);
-    });
+    const auto first_active = std::partition_point(
+        order.begin(), order.end(), [&](int64_t r) { return !(std::isnan(sort_by[r]) || sort_by[r] > bound); });
     const T* row = suffix.data() + (first_active - order.begin()) * 2 * F;
     for (int64_t f = 0; f < F; ++f) plain[i * F + f] = row[f] + T(0) * suffix[f];
     std::copy(row + F, row + 2 * F, weighted + i * F);
@@ -81,8 +80,8 @@ std::tuple<Tensor, Tensor> concat_forward(const Tensor& query, const Tensor& key
           // sum_j (a_i + b_j) [v_j, 1] over the active keys
           weight[row] = factor * (a[row] * plain[i * F + E] + weighted[i * F + E]);
           for (int64_t e = 0; e < E; ++e)
-            y[row * E + e] = factor * (a[row] * plain[i * F + e] + weighted[i * F + e]) -
-                             (c ? weight[row] * c[row * E + e] : T(0));
+            y[row * E + e] =
+                factor * (a[row] * plain[i * F + e] + weighted[i * F + e]) - (c ? weight[row] * c[row * E + e] : T(0));
         }
       }
     });
@@ -91,8 +90,7 @@ std::tuple<Tensor, Tensor> concat_forward(const Tensor& query, const Tensor& key
 }
 
 std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
-                                                   const Tensor& value, const OptionalTensor& center,
-                                                   double scale) {
+                                                   const Tensor& value, const OptionalTensor& center, double scale) {
   check_operands(query, key, value, center);
   TORCH_CHECK(query.size(2) == 1, "query must have width D = 1 for the concat kernel, got ", query.size(2));
   const int64_t B = query.size(0), N = query.size(1), M = key.size(1), E = value.size(2), F = E + 1;

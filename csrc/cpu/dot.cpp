@@ -65,8 +65,8 @@ void expand_rows(const T* x, const std::vector<T>& matrix, T factor, int64_t bat
 
 // out_l (D) = factor (matrix[:, :F] y_l - s_l matrix[:, F]), s_l = shift[l] or shift_all.
 template <typename T>
-void contract_rows(const T* y, const std::vector<T>& matrix, const T* shift, T shift_all, T factor,
-                   int64_t batch, int64_t length, int64_t D, int64_t F, T* out) {
+void contract_rows(const T* y, const std::vector<T>& matrix, const T* shift, T shift_all, T factor, int64_t batch,
+                   int64_t length, int64_t D, int64_t F, T* out) {
   at::parallel_for(0, batch * length, kChunk, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* m = matrix.data() + (row / length) * D * (F + 1);
@@ -107,8 +107,7 @@ std::tuple<Tensor, Tensor> dot_forward(const Tensor& query, const Tensor& key, c
 }
 
 std::tuple<Tensor, Tensor, Tensor> dot_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
-                                                const Tensor& value, const OptionalTensor& center,
-                                                double scale) {
+                                                const Tensor& value, const OptionalTensor& center, double scale) {
   check_operands(query, key, value, center);
   const int64_t B = query.size(0), N = query.size(1), M = key.size(1), D = query.size(2), E = value.size(2);
   check_like("grad_out", grad_out, {B, N, E}, query.scalar_type());

@@ -10,13 +10,11 @@ namespace fastnl {
 void check_like(const char* name, const Tensor& tensor, at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor, got ", tensor.device());
   TORCH_CHECK(tensor.sizes() == shape, name, " must have shape ", shape, ", got ", tensor.sizes());
-  TORCH_CHECK(tensor.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-              tensor.scalar_type());
+  TORCH_CHECK(tensor.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", tensor.scalar_type());
   TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous");
 }
 
-void check_operands(const Tensor& query, const Tensor& key, const Tensor& value,
-                    const OptionalTensor& center) {
+void check_operands(const Tensor& query, const Tensor& key, const Tensor& value, const OptionalTensor& center) {
   TORCH_CHECK(query.dim() == 3, "query must be (B, N, D), got shape ", query.sizes());
   TORCH_CHECK(key.dim() == 3, "key must be (B, M, D), got shape ", key.sizes());
   TORCH_CHECK(value.dim() == 3, "value must be (B, M, E), got shape ", value.sizes());
@@ -35,18 +33,24 @@ void check_operands(const Tensor& query, const Tensor& key, const Tensor& value,
 }  // namespace fastnl
 
 TORCH_LIBRARY(fastnl_cpp, m) {
-  m.def("softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
-        "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");
-  m.def("softmax_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
-        "Tensor out, Tensor log_normalizer, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("dot_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
-        "-> (Tensor, Tensor)");
-  m.def("dot_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("concat_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
-        "-> (Tensor, Tensor)");
-  m.def("concat_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
+      "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "softmax_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
+      "Tensor out, Tensor log_normalizer, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dot_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "dot_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "concat_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "concat_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {

@@ -103,8 +103,8 @@ void known_softmax_columns(T* logits, int64_t keys, const T* column_lse) {
 }
 
 template <typename T, int DEPTH>
-void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center,
-                    const T* known_lse, T* out, T* lse, T scale) {
+void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center, const T* known_lse,
+                    T* out, T* lse, T scale) {
   constexpr int64_t L = Vec<T>::size(), Q = kForwardQueryTile;
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
@@ -152,9 +152,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
 }
 
 template <typename T, int DEPTH>
-void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T* key, const T* value,
-                     const T* center, const T* out, const T* lse, T* grad_query, T* grad_key, T* grad_value,
-                     T scale) {
+void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T* key, const T* value, const T* center,
+                     const T* out, const T* lse, T* grad_query, T* grad_key, T* grad_value, T scale) {
   const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
   const int64_t key_stride = row_stride<T>(M), depth_width = padded<T>(D);
   const int64_t tile_width = padded<T>(std::min(kBackwardKeyTile, M));
@@ -201,11 +200,9 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           const int64_t rows = std::min(kBackwardQueryTile, rows_in_group - q0);
           const T* query_tile = scaled_query.data() + q0 * D;
           const T* grad_out_tile = grad_out + (first + q0) * E;
-          matmul_tile<T, DEPTH>(rows, width, D, query_tile, D, 1, key_t.data(), width, probs.data(), width,
-                                false);
+          matmul_tile<T, DEPTH>(rows, width, D, query_tile, D, 1, key_t.data(), width, probs.data(), width, false);
           mask_padding(probs.data(), rows, keys, width);
-          matmul_tile<T>(rows, width, E, grad_out_tile, E, 1, value_t.data(), width, grad_logits.data(), width,
-                         false);
+          matmul_tile<T>(rows, width, E, grad_out_tile, E, 1, value_t.data(), width, grad_logits.data(), width, false);
           for (int64_t r = 0; r < rows; ++r) {
             T* p_row = probs.data() + r * width;
             T* ds_row = grad_logits.data() + r * width;
@@ -216,8 +213,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
               (p * (Vec<T>::loadu(ds_row + c) - row_delta)).store(ds_row + c);
             }
           }
-          matmul_tile<T>(E, width, rows, grad_out_tile, 1, E, probs.data(), width, grad_value_t + k0, key_stride,
-                         true);
+          matmul_tile<T>(E, width, rows, grad_out_tile, 1, E, probs.data(), width, grad_value_t + k0, key_stride, true);
           matmul_tile<T>(D, width, rows, query_tile, 1, D, grad_logits.data(), width, grad_key_t + k0, key_stride,
                          true);
           if constexpr (kLaneGradQuery) {
@@ -269,8 +265,8 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
     const Shape shape{B, N, key.size(1), query.size(2), value.size(2)};
     with_depth(shape.depth, [&](auto depth) {
       forward_kernel<scalar_t, decltype(depth)::value>(
-          shape, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
-          value.const_data_ptr<scalar_t>(), center ? center->const_data_ptr<scalar_t>() : nullptr,
+          shape, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
+          center ? center->const_data_ptr<scalar_t>() : nullptr,
           log_normalizer ? log_normalizer->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
           log_normalizer ? nullptr : lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
     });
@@ -278,10 +274,9 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, const Tensor& query,
-                                                    const Tensor& key, const Tensor& value,
-                                                    const OptionalTensor& center, const Tensor& out,
-                                                    const Tensor& log_normalizer, double scale) {
+std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
+                                                    const Tensor& value, const OptionalTensor& center,
+                                                    const Tensor& out, const Tensor& log_normalizer, double scale) {
   check_operands(query, key, value, center);
   const int64_t B = query.size(0), N = query.size(1), E = value.size(2);
   check_like("grad_out", grad_out, {B, N, E}, query.scalar_type());
@@ -292,10 +287,9 @@ std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, cons
     const Shape shape{B, N, key.size(1), query.size(2), E};
     with_depth(shape.depth, [&](auto depth) {
       backward_kernel<scalar_t, decltype(depth)::value>(
-          shape, grad_out.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(),
-          key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
-          center ? center->const_data_ptr<scalar_t>() : nullptr, out.const_data_ptr<scalar_t>(),
-          log_normalizer.const_data_ptr<scalar_t>(), grad_query.data_ptr<scalar_t>(),
+          shape, grad_out.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
+          value.const_data_ptr<scalar_t>(), center ? center->const_data_ptr<scalar_t>() : nullptr,
+          out.const_data_ptr<scalar_t>(), log_normalizer.const_data_ptr<scalar_t>(), grad_query.data_ptr<scalar_t>(),
           grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
     });
   });

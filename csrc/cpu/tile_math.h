@@ -37,17 +37,19 @@ struct CacheLineAllocator {
   T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), kAlignment)); }
   void deallocate(T* pointer, std::size_t) { ::operator delete(pointer, kAlignment); }
   template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
   template <typename U>
-  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+  bool operator!=(const CacheLineAllocator<U>&) const {
+    return false;
+  }
 };
 
 template <typename T>
 using Buffer = std::vector<T, CacheLineAllocator<T>>;
 
-inline int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // A vector-padded width: rows of packed tiles start on whole vectors.
 template <typename T>
@@ -154,13 +156,12 @@ constexpr int kNarrowRows = 8;
 // in registers. A is read one element at a time through strides, so a transposed A
 // costs nothing; DEPTH > 0 fixes the depth at compile time (the small widths D).
 template <typename T, int ROWS, int VECS, int DEPTH>
-inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
-                          T* c, int64_t ldc, int64_t depth, bool accumulate) {
+inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+                          int64_t depth, bool accumulate) {
   constexpr int64_t L = Vec<T>::size();
   Vec<T> acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < VECS; ++v)
-      acc[r][v] = accumulate ? Vec<T>::loadu(c + r * ldc + v * L) : Vec<T>(T(0));
+    for (int v = 0; v < VECS; ++v) acc[r][v] = accumulate ? Vec<T>::loadu(c + r * ldc + v * L) : Vec<T>(T(0));
   const int64_t count = DEPTH > 0 ? DEPTH : depth;
   for (int64_t k = 0; k < count; ++k) {
     Vec<T> row[VECS];
@@ -175,30 +176,27 @@ inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, 
 }
 
 template <typename T, int ROWS, int VECS, int DEPTH>
-inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b,
-                         int64_t ldb, T* c, int64_t ldc, int64_t depth, bool accumulate) {
+inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+                         int64_t ldc, int64_t depth, bool accumulate) {
   int64_t r = 0;
   for (; r + ROWS <= rows; r += ROWS)
-    product_block<T, ROWS, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
-                                        accumulate);
+    product_block<T, ROWS, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, accumulate);
   for (; r < rows; ++r)
-    product_block<T, 1, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
-                                     accumulate);
+    product_block<T, 1, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, accumulate);
 }
 
 // C (rows, width) (+)= A (rows, depth) B (depth, width), A(r, k) = a[r * a_row + k * a_col].
 // width is a multiple of the vector size, and B, C rows are that wide (padded).
 template <typename T, int DEPTH = 0>
-inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row,
-                        int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+                        const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t L = Vec<T>::size();
   int64_t column = 0;
   for (; column + kWideVecs * L <= width; column += kWideVecs * L)
-    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
-                                                 depth, accumulate);
+    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc, depth,
+                                                 accumulate);
   for (; column < width; column += L)
-    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc,
-                                           depth, accumulate);
+    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc, depth, accumulate);
 }
 
 // The lane sums of 16 vectors of 16 lanes, as one vector: lane v = the sum of the

@@ -19,8 +19,8 @@ constexpr int kTile = 64;  // as the CUDA kernels' key and query tiles
 
 template <int kWidth, typename acc_t>
 void forward_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                  const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& stats_in,
-                  at::Tensor& out, at::Tensor& stats_out, acc_t scale) {
+                  const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& stats_in, at::Tensor& out,
+                  at::Tensor& stats_out, acc_t scale) {
   const int64_t batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
   const int width_qk = query.size(2), width_v = value.size(2);
   for (int64_t b = 0; b < batch; ++b) {
@@ -75,8 +75,8 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
       for (int64_t start = 0; start < num_keys; start += kTile) {
         const int count = std::min<int64_t>(kTile, num_keys - start);
         query_grad_tile<kWidth>(queries + i * width_qk, grad_outs + i * width_v, lses[b * num_queries + i],
-                                deltas[b * num_queries + i], keys + start * width_qk, values + start * width_v,
-                                count, width_qk, width_v, scale, grad_query_row);
+                                deltas[b * num_queries + i], keys + start * width_qk, values + start * width_v, count,
+                                width_qk, width_v, scale, grad_query_row);
       }
     }
     for (int64_t j = 0; j < num_keys; ++j) {
@@ -108,8 +108,8 @@ std::vector<at::Tensor> softmax_forward(const at::Tensor& query, const at::Tenso
   check_host_dtype(query);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_host_softmax_forward", [&] {
     dispatch_width(static_cast<int>(std::max(query.size(2), value.size(2))), [&](auto bucket) {
-      forward_rows<decltype(bucket)::value, scalar_t>(query, key, value, center, log_normalizer, outputs[0],
-                                                      outputs[1], static_cast<scalar_t>(scale));
+      forward_rows<decltype(bucket)::value, scalar_t>(query, key, value, center, log_normalizer, outputs[0], outputs[1],
+                                                      static_cast<scalar_t>(scale));
     });
   });
   return outputs;

@@ -86,8 +86,7 @@ FASTNL_HD OnlineRow<acc_t> online_start() {
 // Absorb a tile of keys into one query row whose normaliser is not known yet.
 template <int kWidth, typename acc_t>
 FASTNL_HD void online_absorb_tile(const acc_t* query_row, const acc_t* keys, const acc_t* values, int count,
-                                  int width_qk, int width_v, acc_t scale, OnlineRow<acc_t>& state,
-                                  acc_t* accumulator) {
+                                  int width_qk, int width_v, acc_t scale, OnlineRow<acc_t>& state, acc_t* accumulator) {
   for (int j = 0; j < count; ++j) {
     const acc_t logit = scale * dot<kWidth>(query_row, keys + j * width_qk, width_qk);
     if (logit > state.row_max) {
@@ -169,8 +168,7 @@ FASTNL_HD void query_grad_tile(const acc_t* query_row, const acc_t* grad_out_row
 template <int kWidth, typename acc_t>
 FASTNL_HD void key_value_grad_tile(const acc_t* key_row, const acc_t* value_row, const acc_t* queries,
                                    const acc_t* grad_outs, const acc_t* lses, const acc_t* deltas, int count,
-                                   int width_qk, int width_v, acc_t scale, acc_t* grad_key_row,
-                                   acc_t* grad_value_row) {
+                                   int width_qk, int width_v, acc_t scale, acc_t* grad_key_row, acc_t* grad_value_row) {
   for (int i = 0; i < count; ++i) {
     const acc_t prob = math_exp(scale * dot<kWidth>(queries + i * width_qk, key_row, width_qk) - lses[i]);
     add_scaled<kWidth>(grad_value_row, prob, grad_outs + i * width_v, width_v);

@@ -12,8 +12,8 @@
 // rows are acc_t[kWidth] with unrolled loops, so they stay in registers for small widths.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -94,8 +94,8 @@ template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
                                const scalar_t* __restrict__ value, const scalar_t* __restrict__ center,
                                const acc_t* __restrict__ stats_in, scalar_t* __restrict__ out,
-                               acc_t* __restrict__ stats_out, int num_queries, int num_keys, int width_qk,
-                               int width_v, acc_t scale) {
+                               acc_t* __restrict__ stats_out, int num_queries, int num_keys, int width_qk, int width_v,
+                               acc_t scale) {
   extern __shared__ unsigned char shared[];
   const ThreadRow mine = thread_row(num_queries);  // plain variables: lambdas below capture them
   const int64_t batch = mine.batch, row = mine.row;
@@ -111,8 +111,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_
       known_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, stats_in[row],
                                 accumulator);
     } else if (active) {
-      online_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state,
-                                 accumulator);
+      online_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state, accumulator);
     }
   });
   if (!active) return;
@@ -150,8 +149,8 @@ __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const s
   for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
                     [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
     if (active) {
-      query_grad_tile<kWidth>(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count,
-                              width_qk, width_v, scale, grad_query_row);
+      query_grad_tile<kWidth>(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count, width_qk,
+                              width_v, scale, grad_query_row);
     }
   });
   if (active) store_plain_row<kWidth>(grad_query_row, grad_query + row * width_qk, width_qk);
@@ -191,8 +190,8 @@ __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, con
     stage_rows(delta_tile, delta, start, count, 1);
     __syncthreads();
     if (active) {
-      key_value_grad_tile<kWidth>(key_row_values, value_row, query_tile, grad_out_tile, lse_tile, delta_tile,
-                                  count, width_qk, width_v, scale, grad_key_row, grad_value_row);
+      key_value_grad_tile<kWidth>(key_row_values, value_row, query_tile, grad_out_tile, lse_tile, delta_tile, count,
+                                  width_qk, width_v, scale, grad_key_row, grad_value_row);
     }
     __syncthreads();
   }
@@ -206,8 +205,8 @@ __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, con
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, size_t shared_bytes, Args... args) {
   if (shared_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_bytes)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
   }
   kernel<<<grid, kTile, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -223,9 +222,8 @@ int blocks(int64_t rows) { return static_cast<int>((rows + kTile - 1) / kTile); 
 }  // namespace
 
 void launch_softmax_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                            const c10::optional<at::Tensor>& center,
-                            const c10::optional<at::Tensor>& log_normalizer, const at::Tensor& out,
-                            const at::Tensor& stats_out, double scale) {
+                            const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& log_normalizer,
+                            const at::Tensor& out, const at::Tensor& stats_out, double scale) {
   const int batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
   const int width_qk = query.size(2), width_v = value.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fastnl_softmax_forward", [&] {
@@ -235,17 +233,16 @@ void launch_softmax_forward(const at::Tensor& query, const at::Tensor& key, cons
       launch(forward_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_queries), batch),
              sizeof(acc_t) * kTile * (width_qk + width_v), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
              value.data_ptr<scalar_t>(), optional_data<scalar_t>(center), optional_data<acc_t>(log_normalizer),
-             out.data_ptr<scalar_t>(), log_normalizer.has_value() ? nullptr : stats_out.data_ptr<acc_t>(),
-             num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+             out.data_ptr<scalar_t>(), log_normalizer.has_value() ? nullptr : stats_out.data_ptr<acc_t>(), num_queries,
+             num_keys, width_qk, width_v, static_cast<acc_t>(scale));
     });
   });
 }
 
 void launch_softmax_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-                             const at::Tensor& value, const c10::optional<at::Tensor>& center,
-                             const at::Tensor& out, const at::Tensor& log_normalizer, const at::Tensor& delta,
-                             const at::Tensor& grad_query, const at::Tensor& grad_key,
-                             const at::Tensor& grad_value, double scale) {
+                             const at::Tensor& value, const c10::optional<at::Tensor>& center, const at::Tensor& out,
+                             const at::Tensor& log_normalizer, const at::Tensor& delta, const at::Tensor& grad_query,
+                             const at::Tensor& grad_key, const at::Tensor& grad_value, double scale) {
   const int batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
   const int width_qk = query.size(2), width_v = value.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fastnl_softmax_backward", [&] {
@@ -266,9 +263,8 @@ void launch_softmax_backward(const at::Tensor& grad_out, const at::Tensor& query
              static_cast<const acc_t*>(row_delta), grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
              num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
       launch(query_grad_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_queries), batch),
-             sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, lse,
-             static_cast<const acc_t*>(row_delta), grad_query.data_ptr<scalar_t>(), num_queries, num_keys,
-             width_qk, width_v, static_cast<acc_t>(scale));
+             sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, lse, static_cast<const acc_t*>(row_delta),
+             grad_query.data_ptr<scalar_t>(), num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
     });
   });
 }
