@@ -7,12 +7,13 @@ each of its backends that takes the dtype, and the materialised reference.
 Positions N = 1024, 4096, 16384 and two video maps (T = 8 at 14x14 and 28x28), widths
 D/E of this field (8/16, 16/32, 32/64, 64/64) and 128/128, float32 and bfloat16,
 forward and forward+backward. Each row: median ms (triton.testing.do_bench), FLOP/s and
-exp/s of the affinity work (4 B N^2 (D + E) / 2 flops and B N^2 exps per pass: one pass
-forward, 2.5 backward), peak extra memory, and for fastnl the max error of a subset of
-output rows against float64. Cases run in order until the time limit; the rest are
-listed as not run. The reference is skipped where its N x N matrices would exceed
---reference-limit GiB. On the CPU (--dry-run) only the timing plumbing is exercised:
-tiny sizes, the CPU backends, time.perf_counter.
+exp/s of the affinity work (2 B N^2 (D + E) flops and B N^2 exps per pass: one pass
+forward; the backward's products count 2.5 passes and its exps 2), peak extra memory,
+and for fastnl the max error of a subset of output rows against float64. Cases run in
+order until the time limit (sizes outermost); the rest are listed as not run. The
+reference is skipped where its N x N matrices would exceed --reference-limit GiB. On
+the CPU (--dry-run) only the timing plumbing is exercised: tiny sizes, the CPU
+backends, time.perf_counter.
 """
 import argparse
 import json
@@ -118,12 +119,23 @@ def row_error(function, inputs):
 
 
 def cases(dry_run):
+    """Sizes outermost, so a time limit cuts the largest maps, never a dtype or a peer."""
     sizes, widths = (DRY_SIZES, DRY_WIDTHS) if dry_run else (SIZES, WIDTHS)
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, batch, positions in sizes:
-            for width_qk, width_v in widths:
+    for name, batch, positions in sizes:
+        for width_qk, width_v in widths:
+            for dtype in (torch.float32, torch.bfloat16):
                 for backward in (False, True):
                     yield dtype, name, batch, positions, width_qk, width_v, backward
+
+
+def write_report(path, device, start, rows, not_run):
+    """The JSON so far: written after every case, so a stage cut off by its cap keeps them."""
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+              "torch": torch.__version__, "seconds": time.perf_counter() - start, "rows": rows,
+              "not_run": not_run}
+    with open(path, "w") as out:
+        json.dump(report, out, indent=1)
+    return report
 
 
 def main(argv=None):
@@ -149,7 +161,7 @@ def main(argv=None):
                   for width in (width_qk, width_qk, width_v)]
         pairs = batch * positions**2
         flops = 2 * pairs * (width_qk + width_v) * (3.5 if backward else 1)
-        exps = pairs * (2 if backward else 1)
+        exps = pairs * (3 if backward else 1)  # the backward's two kernels recompute p each
         for implementation, function in implementations(device, dtype).items():
             matrix_gib = 3 * pairs * 4 / 2**30
             if implementation == "reference" and matrix_gib > args.reference_limit:
@@ -173,11 +185,8 @@ def main(argv=None):
                   f"{milliseconds:.3f} ms", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
-              "torch": torch.__version__, "seconds": time.perf_counter() - start, "rows": rows,
-              "not_run": not_run}
-    with open(args.out, "w") as out:
-        json.dump(report, out, indent=1)
+        write_report(args.out, device, start, rows, not_run)
+    report = write_report(args.out, device, start, rows, not_run)
     timed = [row for row in rows if "ms" in row]
     print(f"gpu_sweep: {len(timed)} timings, {len(rows) - len(timed)} skipped or failed, "
           f"{len(not_run)} cases not run (time limit) in {report['seconds']:.0f} s -> {args.out}")

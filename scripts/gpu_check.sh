@@ -6,10 +6,12 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh --dry-run --data DIR    on a CPU (CI)
 #
 # Stages, each capped in time (the caps add up to 300 s; x3 in a dry run) so that a
-# hang costs one stage, not the run; their
+# hang costs one stage, not the run; outputs are NaN-filled in the tests and the
+# memcheck only, and the timed stages launch the first fitting configurations; their
 # files land in $OUT (8 at most) and summary.txt says what each stage did:
 #   environment   nvidia-smi, Python, torch, Triton, nvcc versions   -> environment.txt
 #   install       pip install --no-build-isolation --no-deps -e . (offline)
+#   cuda-build    python -m fastnl.backends._cuda_build, ptxas report      -> cuda-build.log
 #   tests         pytest -m gpu in parallel, FASTNL_TRITON_CONFIGS=first, outputs
 #                 NaN-filled; then the autotuning test with every configuration
 #                                                          -> gpu-tests.xml, gpu-tests.log
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-export PYTHONUNBUFFERED=1 FASTNL_TRITON_FILL_NAN=1
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 WORK="$(mktemp -d)"  # training runs and the decoded-image cache: not results
 trap 'rm -rf "$WORK"' EXIT
@@ -79,11 +81,15 @@ gpu_tests() {
     tail -3 "$OUT/gpu-tests.log"
     return $status
   fi
-  FASTNL_TRITON_CONFIGS=first $PY -m pytest -m gpu -n 8 --timeout 90 -q -p no:cacheprovider \
-    --junitxml="$OUT/gpu-tests.xml" -k "not second_call_after_tuning" > "$OUT/gpu-tests.log" 2>&1
+  local parallel=() timeouts=()  # pytest-xdist and pytest-timeout, where the image has them
+  $PY -c "import xdist" 2>/dev/null && parallel=(-n 8)
+  $PY -c "import pytest_timeout" 2>/dev/null && timeouts=(--timeout 60)
+  FASTNL_TRITON_CONFIGS=first FASTNL_TRITON_FILL_NAN=1 $PY -m pytest -m gpu "${parallel[@]}" "${timeouts[@]}" \
+    -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" -k "not second_call_after_tuning" \
+    > "$OUT/gpu-tests.log" 2>&1
   local status=$?
   # autotuning over every configuration, then the second call alone
-  $PY -m pytest -m gpu --timeout 120 -q -p no:cacheprovider -k second_call_after_tuning \
+  FASTNL_TRITON_FILL_NAN=1 $PY -m pytest -m gpu "${timeouts[@]}" -q -p no:cacheprovider -k second_call_after_tuning \
     >> "$OUT/gpu-tests.log" 2>&1 || status=1
   tail -5 "$OUT/gpu-tests.log"
   return $status
@@ -106,14 +112,15 @@ train() {
   if [ $DRY -eq 1 ]; then device=cpu; steps=(--max-steps 2 --batch-size 8); fi
   : > "$OUT/train.log"
   for preset in baseline proposed-3; do
-    $PY scripts/gpu_train_probe.py --device "$device" --data-dir "$DATA" --cache-dir "$WORK/cache" \
-      --preset "$preset" --epochs 1 "${steps[@]}" --out "$WORK/$preset" 2>>"$OUT/train.log" \
+    # two epochs, the second's images/s reported: the first includes compiling the kernels
+    FASTNL_TRITON_CONFIGS=first $PY scripts/gpu_train_probe.py --device "$device" --data-dir "$DATA" \
+      --cache-dir "$WORK/cache" --preset "$preset" --epochs 2 "${steps[@]}" --out "$WORK/$preset" 2>>"$OUT/train.log" \
       | tail -1 | sed "s/^/$preset: /" | tee -a "$OUT/train.log" || return 1
   done
 }
 
 sanitizer() {
-  FASTNL_TRITON_CONFIGS=first compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c "
+  FASTNL_TRITON_CONFIGS=first FASTNL_TRITON_FILL_NAN=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c "
 import torch, fastnl
 for backend in ('triton', 'cuda'):
     q, k = torch.randn(2, 333, 8, device='cuda'), torch.randn(2, 333, 8, device='cuda')
@@ -128,17 +135,21 @@ print('memcheck run finished')" > "$OUT/sanitizer.log" 2>&1
 
 export -f environment gpu_tests train sanitizer
 export DRY DATA PY OUT WORK
-stage environment 20 environment
-if [ $DRY -eq 1 ]; then skip install "dry run"
-else stage install 40 $PY -m pip install -q --no-build-isolation --no-deps -e .; fi
-stage tests 100 gpu_tests
-SWEEP=(--out "$OUT/sweep.json" --time-limit 40)
+stage environment 15 environment
+if [ $DRY -eq 1 ]; then skip install "dry run"; skip cuda-build "dry run"
+else
+  stage install 30 $PY -m pip install -q --no-build-isolation --no-deps -e .
+  # the CUDA kernels once, verbosely (ptxas's registers and spills), before any test needs them
+  stage cuda-build 80 bash -c "$PY -m fastnl.backends._cuda_build > '$OUT/cuda-build.log' 2>&1"
+fi
+stage tests 85 gpu_tests
+SWEEP=(--out "$OUT/sweep.json" --time-limit 30)
 if [ $DRY -eq 1 ]; then SWEEP+=(--dry-run); fi
-stage sweep 60 $PY benchmarks/gpu_sweep.py "${SWEEP[@]}"
-if prepare_data; then stage train 45 train
+stage sweep 40 env FASTNL_TRITON_CONFIGS=first $PY benchmarks/gpu_sweep.py "${SWEEP[@]}"
+if prepare_data; then stage train 30 train
 else skip train "no CIFAR data at $DATA"; fi
 if [ $DRY -eq 1 ]; then skip sanitizer "dry run"
-else stage sanitizer 35 sanitizer; fi
+else stage sanitizer 20 sanitizer; fi
 
 echo "== summary"
 cat "$SUMMARY"

@@ -74,7 +74,7 @@ def test_resume_restores_the_runs_settings(image_folder, tmp_path):
     resumed = config_for(["--out", str(out), "--resume", "--epochs", "2"])
     assert (resumed.placement, resumed.lr, resumed.batch_size, resumed.train_subset, resumed.data_dir,
             resumed.epochs, resumed.resume) == ("proposed-2", 0.05, 8, 16, str(image_folder), 2, True)
-    assert main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert main(["--out", str(out), "--resume", "--epochs", "2", "--backend", "torch"]) == 0
     assert [row["epoch"] for row in json.loads((out / "log.json").read_text())] == [1, 2]
     with pytest.raises(ValueError, match="--resume: --lr differ from the checkpoint's settings"):
         main(["--out", str(out), "--resume", "--epochs", "3", "--lr", "0.2"])

@@ -130,3 +130,11 @@ def test_widths_beyond_the_tiles_fall_back_with_the_reason(monkeypatch):
     torch.testing.assert_close(out, fastnl.nonlocal_aggregate(query, key, value, backend="reference"))
     with pytest.raises(ValueError, match="backend 'triton' cannot take these operands: widths D and E up to 128"):
         fastnl.nonlocal_aggregate(query, key, value, backend="triton")
+
+
+def test_wide_values_split_over_column_tiles():
+    """E = 100 pads to 128, over the 64-column tiles of rows_times: the dot path's third
+    grid axis, forward and backward."""
+    inputs = make_inputs((1, 40, 40, 8, 100), torch.float32, "diffuse")
+    results = backend_results("dot", "diffuse", "triton", *inputs, 1.0)
+    assert_matches_reference(results, "dot", "diffuse", *inputs, 1.0)

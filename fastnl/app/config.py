@@ -66,6 +66,8 @@ RESUMABLE_CHANGES = {"data_dir", "out", "epochs", "device", "max_steps", "cache_
 
 
 def resume_mismatches(saved, current):
-    """Names of fields whose values differ between a checkpoint's config and this run."""
+    """Names of fields whose values differ between a checkpoint's config and this run
+    (the stored `model` arguments are derived from the fields, which are compared)."""
     saved, current = saved.to_dict(), current.to_dict()
-    return sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])
+    return sorted(key for key in current
+                  if key not in RESUMABLE_CHANGES and key != "model" and saved.get(key) != current[key])
