@@ -38,6 +38,12 @@ class Affinity:
         if self.prepare is not None and self.normalisation != "softmax":
             raise ValueError("prepare is for softmax kernels, which run the shared fused softmax ops")
 
+    @property
+    def functions(self):
+        """The prefix of the backend functions that compute it: every softmax kernel runs
+        `softmax_forward`/`softmax_backward`, a mean kernel its own `NAME_forward`/..."""
+        return "softmax" if self.normalisation == "softmax" else self.name
+
 
 _REGISTRY = {}
 

@@ -111,6 +111,7 @@ class Tuned:
 
     def __init__(self, kernel, configs, key, live_values):
         self.kernel, self.configs, self.live_values = kernel, configs, live_values
+        self._fitting_by_meta = {}  # launch constexprs -> fitting(): once, not on every launch
         self._autotuned = None
         if not INTERPRET and CONFIGS == "all":
             self._autotuned = triton.autotune(
@@ -136,7 +137,10 @@ class Tuned:
             pinned = _PINNED.get()
             if self._autotuned is not None and pinned is None:
                 return self._autotuned[grid](*args, **meta)
-            fitting = self.fitting(meta)
+            key = tuple(sorted(meta.items()))
+            if key not in self._fitting_by_meta:
+                self._fitting_by_meta[key] = self.fitting(meta)
+            fitting = self._fitting_by_meta[key]
             config = fitting[min(pinned or 0, len(fitting) - 1)]
             options = {} if INTERPRET else {"num_warps": config.num_warps, "num_stages": config.num_stages}
             return self.kernel[grid](*args, **meta, **config.kwargs, **options)

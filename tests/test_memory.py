@@ -31,8 +31,9 @@ def test_no_quadratic_tensor(kernel):
     key = torch.randn(1, num_positions, width)
     value = torch.randn(1, num_positions, value_width)
     center = torch.randn(1, num_positions, value_width)
-    forward = getattr(torch_tiled, f"{kernel}_forward")
-    backward = getattr(torch_tiled, f"{kernel}_backward")
+    functions = affinities.get(kernel).functions
+    forward = getattr(torch_tiled, f"{functions}_forward")
+    backward = getattr(torch_tiled, f"{functions}_backward")
     with LargestTensor() as tracker:
         if kernel == "softmax":
             out, lse = forward(query, key, value, center, None, 0.5)

@@ -87,8 +87,7 @@ def refusal(name, kernel=None, widths=None):
     else why not; None arguments are not checked."""
     module = _load(name)
     if kernel is not None:
-        function = "softmax" if affinities.get(kernel).normalisation == "softmax" else kernel
-        if not hasattr(module, f"{function}_forward"):
+        if not hasattr(module, f"{affinities.get(kernel).functions}_forward"):
             return f"it does not implement kernel {kernel!r}"
     refuses = getattr(module, "refuses", None)
     return None if refuses is None or widths is None else refuses(*widths)

@@ -70,7 +70,7 @@ def _check(query, value):
 @_on_inputs_device
 def softmax_forward(query, key, value, center, log_normalizer, scale):
     _check(query, value)
-    launch, softmax_fwd = _kernels()[0], _kernels()[2]
+    launch, _, softmax_fwd, _ = _kernels()
     batch, num_queries = query.shape[:2]
     out = launch.new_output(value, (batch, num_queries, value.shape[2]))
     stats = None
@@ -83,7 +83,7 @@ def softmax_forward(query, key, value, center, log_normalizer, scale):
 @_on_inputs_device
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):
     _check(query, value)
-    launch, softmax_bwd = _kernels()[0], _kernels()[3]
+    launch, _, _, softmax_bwd = _kernels()
     delta = launch.new_output(query, query.shape[:2], accumulate_dtype(query.dtype))
     grads = tuple(launch.new_output(t, t.shape) for t in (query, key, value))
     softmax_bwd.softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale,
