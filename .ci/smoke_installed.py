@@ -37,7 +37,7 @@ v = torch.randn(2, 37, 16, dtype=torch.float64)
 results = {}
 for backend in ("cpp", "reference"):
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = fastnl.nonlocal_diffuse(*inputs, backend=backend)
+    out = fastnl.nonlocal_diffuse(*inputs, inputs[2], backend=backend)
     out.square().sum().backward()
     results[backend] = [out, *(t.grad for t in inputs)]
 for name, got, want in zip(("out", "dq", "dk", "dv"), results["cpp"], results["reference"]):

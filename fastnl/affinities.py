@@ -29,7 +29,7 @@ class Affinity:
     normalisation: str
     scores: Callable  # (query, key, scale) -> (B, N, M): the logits (softmax) or w (mean)
     formula: str  # w(i, j) and C_i, for messages and docs
-    width: int | None = None  # the query/key width D the kernel needs (concat: 1), None: any
+    width_qk: int | None = None  # the query/key width D the kernel needs (concat: 1), None: any
     prepare: Callable | None = None  # softmax kind: (query, key) -> (query, key) before the fused ops
 
     def __post_init__(self):
@@ -56,7 +56,7 @@ def register(affinity):
     if affinity.normalisation == "mean":
         from fastnl import ops  # the ops module reads this table: imported when first needed
 
-        ops.linear_ops(affinity.name)
+        ops.mean_ops(affinity.name)
     return affinity
 
 
@@ -82,4 +82,4 @@ register(Affinity("softmax", "softmax", lambda q, k, scale: scale * (q @ k.trans
 register(Affinity("dot", "mean", lambda q, k, scale: scale * (q @ k.transpose(1, 2)),
                   "w = scale q_i.k_j, C_i = M"))
 register(Affinity("concat", "mean", lambda q, k, scale: scale * torch.relu(q + k.transpose(1, 2)),
-                  "w = scale relu(q_i + k_j) (D = 1), C_i = M", width=1))
+                  "w = scale relu(q_i + k_j) (D = 1), C_i = M", width_qk=1))

@@ -14,7 +14,7 @@ def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1
     `NonlocalStage` computes it once and all its blocks reuse it. It is a cache, not
     a differentiable output; gradients of query and key are exact either way.
     """
-    check_operands(query, key, value, center, kernel, scale, need_square=False)
+    check_operands(query, key, value, center, kernel, scale)
     if log_normalizer is not None:
         check_log_normalizer(log_normalizer, query)
     return _attend(query, key, value, center, kernel, scale, backend, log_normalizer)
@@ -34,9 +34,9 @@ def _attend(query, key, value, center, kernel, scale, backend, log_normalizer=No
             query, key = affinity.prepare(query, key)
         if log_normalizer is None:
             return ops.softmax_forward(query, key, value, center, scale, backend)
-        out = ops.softmax_forward_with_stats(query, key, value, center, log_normalizer, scale, backend)
+        out = ops.softmax_forward_with_log_normalizer(query, key, value, center, log_normalizer, scale, backend)
         return out, log_normalizer
-    forward, _ = ops.linear_ops(kernel)
+    forward, _ = ops.mean_ops(kernel)
     return forward(query, key, value, center, scale, backend)[0], None
 
 
@@ -49,18 +49,20 @@ def nonlocal_aggregate(query, key, value, *, kernel="softmax", scale=1.0, backen
     backend None picks the fastest available for the device; "reference" materialises
     the N x M matrix; "torch" is memory-light plain PyTorch (see fastnl.backends).
     """
-    check_operands(query, key, value, None, kernel, scale, need_square=False)
+    check_operands(query, key, value, None, kernel, scale)
     return _attend(query, key, value, None, kernel, scale, backend)[0]
 
 
-def nonlocal_diffuse(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None):
+def nonlocal_diffuse(query, key, value, center, *, kernel="softmax", scale=1.0, backend=None):
     """y_i = (1 / C_i) sum_j w(i, j) (v_j - c_i)   (Tao et al.'s nonlocal diffusion).
 
-    As `nonlocal_aggregate`, with center (B, N, E); center=None uses value (M must equal
-    N). For softmax this is aggregate - center; for dot/concat the center is weighted by
-    the row's total affinity sum_j w(i, j) / M.
+    As `nonlocal_aggregate`, with center (B, N, E): pass the value itself (M = N) for the
+    paper's v_j - v_i. For softmax this is aggregate - center; for dot/concat the center
+    is weighted by the row's total affinity sum_j w(i, j) / M. (None is not a center
+    here: in `nonlocal_attend`, center=None means no center, i.e. the aggregate.)
     """
-    check_operands(query, key, value, center, kernel, scale, need_square=True)
     if center is None:
-        center = value
+        raise TypeError("nonlocal_diffuse needs a center (B, N, E): pass value for Tao et al.'s "
+                        "v_j - v_i, or call nonlocal_aggregate for no center")
+    check_operands(query, key, value, center, kernel, scale)
     return _attend(query, key, value, center, kernel, scale, backend)[0]

@@ -1,8 +1,8 @@
 """The fused operators as `torch.library` custom ops, with autograd and fake kernels.
 
-The softmax ops (forward without and with known row statistics, backward) serve every
+The softmax ops (forward without and with a known log_normalizer, backward) serve every
 softmax-normalised kernel; each mean-normalised kernel of fastnl.affinities gets its own
-forward and backward pair (`linear_ops`). Each takes the backend's name and calls that module
+forward and backward pair (`mean_ops`). Each takes the backend's name and calls that module
 (`fastnl.backends`); the ops own the contract with PyTorch (shapes, autograd,
 torch.compile), the backends own the arithmetic.
 
@@ -17,10 +17,6 @@ import torch
 from torch import Tensor
 
 from fastnl import backends
-
-
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _contiguous(*tensors):
@@ -39,7 +35,8 @@ def _empty(*tensors):
 def softmax_forward(
     query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse): out_i = sum_j softmax_j(scale q_i.k_j) v_j [- c_i]; lse (B, N) row log-sum-exp."""
+    """(out, log_normalizer): out_i = sum_j softmax_j(scale q_i.k_j) v_j [- c_i]; log_normalizer (B, N)
+    the row log-sum-exp."""
     args = _contiguous(query, key, value, center)
     return _contiguous(*backends.get(backend).softmax_forward(*args, None, scale))
 
@@ -47,11 +44,11 @@ def softmax_forward(
 @softmax_forward.register_fake
 def _(query, key, value, center, scale, backend):
     out = value.new_empty(query.shape[0], query.shape[1], value.shape[2])
-    return out, query.new_empty(query.shape[:2], dtype=_stats_dtype(query.dtype))
+    return out, query.new_empty(query.shape[:2], dtype=backends.accumulate_dtype(query.dtype))
 
 
-@torch.library.custom_op("fastnl::softmax_forward_with_stats", mutates_args=())
-def softmax_forward_with_stats(
+@torch.library.custom_op("fastnl::softmax_forward_with_log_normalizer", mutates_args=())
+def softmax_forward_with_log_normalizer(
     query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], log_normalizer: Tensor,
     scale: float, backend: str,
 ) -> Tensor:
@@ -60,7 +57,7 @@ def softmax_forward_with_stats(
     return backends.get(backend).softmax_forward(*args, scale)[0].contiguous()
 
 
-@softmax_forward_with_stats.register_fake
+@softmax_forward_with_log_normalizer.register_fake
 def _(query, key, value, center, log_normalizer, scale, backend):
     torch._check(log_normalizer.shape == query.shape[:2], lambda: "log_normalizer must be (B, N)")
     return value.new_empty(query.shape[0], query.shape[1], value.shape[2])
@@ -102,29 +99,29 @@ def _backward_softmax(ctx, grad_out, grad_log_normalizer):
     return *_softmax_grads(ctx, grad_out, out, log_normalizer), None, None
 
 
-def _setup_softmax_with_stats(ctx, inputs, output):
+def _setup_softmax_with_log_normalizer(ctx, inputs, output):
     query, key, value, center, log_normalizer, scale, backend = inputs
     ctx.save_for_backward(query, key, value, center, output, log_normalizer)
     ctx.scale, ctx.backend = scale, backend
 
 
-def _backward_softmax_with_stats(ctx, grad_out):
+def _backward_softmax_with_log_normalizer(ctx, grad_out):
     out, log_normalizer = ctx.saved_tensors[4:]
-    # the statistics are a cache of query/key: their gradient is already in dq, dk
+    # log_normalizer is a cache of query/key: their gradient is already in dq, dk
     grad_query, grad_key, grad_value, grad_center = _softmax_grads(ctx, grad_out, out, log_normalizer)
     return grad_query, grad_key, grad_value, grad_center, None, None, None
 
 
 softmax_forward.register_autograd(_backward_softmax, setup_context=_setup_softmax)
-softmax_forward_with_stats.register_autograd(
-    _backward_softmax_with_stats, setup_context=_setup_softmax_with_stats
+softmax_forward_with_log_normalizer.register_autograd(
+    _backward_softmax_with_log_normalizer, setup_context=_setup_softmax_with_log_normalizer
 )
 
 
-# --- the mean-normalised kernels (dot, concat, ...): linear / N log N, normalised by M ---
+# --- the mean-normalised kernels (dot, concat, ...): C_i = M, exact without the N x M matrix ---
 
 
-def _define_linear_kernel(name):
+def _define_mean_kernel(name):
     """Register fastnl::{name}_forward / {name}_backward with autograd for kernel `name`."""
 
     def forward_impl(query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float,
@@ -143,7 +140,7 @@ def _define_linear_kernel(name):
     @forward_op.register_fake
     def _(query, key, value, center, scale, backend):
         out = value.new_empty(query.shape[0], query.shape[1], value.shape[2])
-        return out, query.new_empty(query.shape[:2], dtype=_stats_dtype(query.dtype))
+        return out, query.new_empty(query.shape[:2], dtype=backends.accumulate_dtype(query.dtype))
 
     @backward_op.register_fake
     def _(grad_out, query, key, value, center, scale, backend):
@@ -167,12 +164,12 @@ def _define_linear_kernel(name):
     return forward_op, backward_op
 
 
-_LINEAR_OPS = {}  # kernel name -> (forward, backward); a plain dict, which torch.compile reads
+_MEAN_OPS = {}  # kernel name -> (forward, backward); a plain dict, which torch.compile reads
 
 
-def linear_ops(name):
+def mean_ops(name):
     """(forward, backward): the custom ops of the mean-normalised kernel `name`, defined
     on first request (fastnl.affinities.register makes it when the kernel is added)."""
-    if name not in _LINEAR_OPS:
-        _LINEAR_OPS[name] = _define_linear_kernel(name)
-    return _LINEAR_OPS[name]
+    if name not in _MEAN_OPS:
+        _MEAN_OPS[name] = _define_mean_kernel(name)
+    return _MEAN_OPS[name]

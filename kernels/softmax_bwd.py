@@ -1,10 +1,10 @@
-"""Backward of the softmax nonlocal operator: recompute tiles from the saved lse.
+"""Backward of the softmax nonlocal operator: recompute tiles from the saved log_normalizer.
 
 FlashAttention-2's scheme in three kernels. A preprocessing kernel forms
 delta_i = dO_i . O_i, with O the aggregate (out + center for diffuse), so that
 dS_ij = p_ij (dO_i . v_j - delta_i). Then one kernel per key tile accumulates dK and dV
 over all query tiles, and one per query tile accumulates dQ over all key tiles; each
-recomputes p_ij = exp(scale q_i.k_j - lse_i) instead of reading a stored matrix, and
+recomputes p_ij = exp(scale q_i.k_j - log_normalizer_i) instead of reading a stored matrix, and
 neither needs atomics. Padded positions get logit -inf, so probability 0.
 """
 import triton
@@ -47,7 +47,7 @@ def _delta_kernel(grad_out, out, center, delta, num_rows, width_v,
 @tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER, live_values=_live_values)
 @triton.jit
 def _key_value_grad_kernel(
-    grad_out, query, key, value, stats, delta, grad_key, grad_value,
+    grad_out, query, key, value, log_normalizer, delta, grad_key, grad_value,
     num_queries, num_keys, width_qk, width_v, scale, bucket_queries, bucket_keys,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -60,7 +60,7 @@ def _key_value_grad_kernel(
     v = load_rows(value + values_at, cols, num_keys, feats, width_v)
     query += batch * num_queries * width_qk
     grad_out += batch * num_queries * width_v
-    stats += batch * num_queries
+    log_normalizer += batch * num_queries
     delta += batch * num_queries
     d_key = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     d_value = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
@@ -69,11 +69,11 @@ def _key_value_grad_kernel(
         row_ok = rows < num_queries
         q = load_rows(query, rows, num_queries, dims, width_qk)
         d_out = load_rows(grad_out, rows, num_queries, feats, width_v)
-        lse = tl.load(stats + rows, mask=row_ok, other=0.0).to(ACC)
+        row_log_normalizer = tl.load(log_normalizer + rows, mask=row_ok, other=0.0).to(ACC)
         row_delta = tl.load(delta + rows, mask=row_ok, other=0.0)
         # transposed tile (keys x queries): this program's keys are the rows
         logits = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
-        probs = tl.exp(tl.where(row_ok[None, :], logits, float("-inf")) - lse[None, :])
+        probs = tl.exp(tl.where(row_ok[None, :], logits, float("-inf")) - row_log_normalizer[None, :])
         d_value = tl.dot(probs.to(d_out.dtype), d_out, d_value, input_precision=DOT_PRECISION, out_dtype=ACC)
         d_probs = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION, out_dtype=ACC)
         d_logits = probs * (d_probs - row_delta[None, :])
@@ -85,7 +85,7 @@ def _key_value_grad_kernel(
 @tuned(_CONFIGS, key=_KEY, interpreter_config=_INTERPRETER, live_values=_live_values)
 @triton.jit
 def _query_grad_kernel(
-    grad_out, query, key, value, stats, delta, grad_query,
+    grad_out, query, key, value, log_normalizer, delta, grad_query,
     num_queries, num_keys, width_qk, width_v, scale, bucket_queries, bucket_keys,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -97,7 +97,7 @@ def _query_grad_kernel(
     queries_at = batch * num_queries * width_qk
     q = load_rows(query + queries_at, rows, num_queries, dims, width_qk)
     d_out = load_rows(grad_out + batch * num_queries * width_v, rows, num_queries, feats, width_v)
-    lse = tl.load(stats + batch * num_queries + rows, mask=row_ok, other=0.0).to(ACC)
+    row_log_normalizer = tl.load(log_normalizer + batch * num_queries + rows, mask=row_ok, other=0.0).to(ACC)
     row_delta = tl.load(delta + batch * num_queries + rows, mask=row_ok, other=0.0)
     key += batch * num_keys * width_qk
     value += batch * num_keys * width_v
@@ -107,7 +107,7 @@ def _query_grad_kernel(
         k = load_rows(key, cols, num_keys, dims, width_qk)
         v = load_rows(value, cols, num_keys, feats, width_v)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
-        probs = tl.exp(tl.where((cols < num_keys)[None, :], logits, float("-inf")) - lse[:, None])
+        probs = tl.exp(tl.where((cols < num_keys)[None, :], logits, float("-inf")) - row_log_normalizer[:, None])
         d_probs = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
         d_logits = probs * (d_probs - row_delta[:, None])
         d_query = tl.dot(d_logits.to(k.dtype), k, d_query, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -119,7 +119,7 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
     """Fill grad_query, grad_key, grad_value (and the scratch delta, (B, N) accumulator dtype).
 
     All tensors contiguous; out is the forward's output (with the center subtracted
-    for diffuse) and log_normalizer its (B, N) lse.
+    for diffuse) and log_normalizer its (B, N) row log-sum-exp.
     """
     batch, num_queries, width_qk = query.shape
     num_keys, width_v = value.shape[1], value.shape[2]

@@ -32,7 +32,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from fastnl.backends.triton import MAX_WIDTH
-from fastnl.kernels import _launch, linear, softmax_bwd, softmax_fwd
+from fastnl.kernels import _launch, dot, softmax_bwd, softmax_fwd
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200)
 # the models' widths (D, E <= 32) must not spill within the register budget; wider
@@ -40,17 +40,17 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200)
 STRICT_WIDTH = 32
 SPILL_TOLERANCE = 64  # bytes: ptxas parks a few values in some tiles (16-24 bytes seen)
 DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
-STATISTICS = {"stats_in", "stats_out", "stats", "delta", "partial", "state"}  # always float32 here
+STATISTICS = {"log_normalizer", "delta", "partial", "state"}  # always float32 here
 FLOATS = {"scale", "factor"}
 
 # kernel -> constexprs other than tile sizes and widths
 KERNELS = {
-    softmax_fwd._softmax_forward_kernel: {"HAS_CENTER": True, "HAS_STATS": False},
+    softmax_fwd._softmax_forward_kernel: {"HAS_CENTER": True, "KNOWN": False},
     softmax_bwd._delta_kernel: {"HAS_CENTER": True},
     softmax_bwd._key_value_grad_kernel: {},
     softmax_bwd._query_grad_kernel: {},
-    linear._outer_sum_kernel: {"CHUNK_ROWS": 512, "BLOCK_R": 64},
-    linear._rows_times_kernel: {},
+    dot._outer_sum_kernel: {"CHUNK_ROWS": 512, "BLOCK_R": 64},
+    dot._rows_times_kernel: {},
 }
 WIDTH_NAMES = ("BLOCK_D", "BLOCK_E", "BLOCK_L", "BLOCK_RIGHT", "BLOCK_P", "BLOCK_Q")
 
@@ -114,7 +114,7 @@ def compile_all(everything):
             meta = {**constants, "ACC": tl.float32, "DOT_PRECISION": precision}
             meta.update({name: width for name in WIDTH_NAMES if name in function.arg_names})
             if "BLOCK_Q" in meta:  # rows_times splits wide states into column tiles
-                meta["BLOCK_Q"] = min(width, linear._MAX_BLOCK_Q)
+                meta["BLOCK_Q"] = min(width, dot._MAX_BLOCK_Q)
             for config in configs(kernel, meta, everything):
                 constexprs = {**meta, **config.kwargs}
                 indexed = {(function.arg_names.index(name),): value for name, value in constexprs.items()

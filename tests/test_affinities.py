@@ -4,7 +4,7 @@ fixture: registering it is the whole change (no backend, op, check or module edi
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_backends
+from harness import cpu_backends
 
 import fastnl
 from fastnl import affinities, backends
@@ -29,7 +29,7 @@ def _truth(query, key, value, scale):
 @pytest.mark.parametrize("backend", ["reference", *cpu_backends()])
 def test_a_registered_kernel_runs_forward_and_backward(cosine, backend):
     query, key, value = (torch.randn(2, 37, width, dtype=torch.float64, requires_grad=True) for width in (8, 8, 5))
-    out = fastnl.nonlocal_diffuse(query, key, value, kernel="cosine", scale=4.0, backend=backend)
+    out = fastnl.nonlocal_diffuse(query, key, value, value, kernel="cosine", scale=4.0, backend=backend)
     expected = _truth(query, key, value, 4.0)
     torch.testing.assert_close(out, expected)
     grads = torch.autograd.grad(out.square().sum(), (query, key, value))
@@ -40,10 +40,10 @@ def test_a_registered_kernel_runs_forward_and_backward(cosine, backend):
 
 def test_a_registered_kernel_shares_stage_statistics(cosine):
     query, key, value = (torch.randn(2, 20, width, dtype=torch.float64) for width in (8, 8, 5))
-    _, lse = fastnl.nonlocal_attend(query, key, value, kernel="cosine")
+    _, log_normalizer = fastnl.nonlocal_attend(query, key, value, kernel="cosine")
     q, k = (t / t.norm(dim=-1, keepdim=True) for t in (query, key))
-    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(1, 2), dim=-1))
-    again, _ = fastnl.nonlocal_attend(query, key, value, value, kernel="cosine", log_normalizer=lse)
+    torch.testing.assert_close(log_normalizer, torch.logsumexp(q @ k.transpose(1, 2), dim=-1))
+    again, _ = fastnl.nonlocal_attend(query, key, value, value, kernel="cosine", log_normalizer=log_normalizer)
     torch.testing.assert_close(again, _truth(query, key, value, 1.0))
 
 

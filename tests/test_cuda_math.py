@@ -9,7 +9,7 @@ is the GPU-only plumbing: shared-memory staging, launch, half-precision loads; t
 """
 import pytest
 import torch
-from backend_cases import MODES, assert_matches_reference, make_inputs
+from harness import MODES, assert_matches_reference, make_inputs
 
 from fastnl.backends import _cuda_build
 
@@ -35,13 +35,13 @@ def host_math():
 def _contract_results(host_math, mode, query, key, value, center, grad_out, scale, log_normalizer=None):
     """[out, grads...] with the center's gradient formed as fastnl.ops does (-grad_out)."""
     center_arg = value if mode == "diffuse_value" else center
-    out, lse = host_math.softmax_forward(query, key, value, center_arg, log_normalizer, scale)
-    grads = list(host_math.softmax_backward(grad_out, query, key, value, center_arg, out, lse, scale))
+    out, log_normalizer = host_math.softmax_forward(query, key, value, center_arg, log_normalizer, scale)
+    grads = list(host_math.softmax_backward(grad_out, query, key, value, center_arg, out, log_normalizer, scale))
     if mode == "diffuse_value":
         grads[2] = grads[2] - grad_out  # value is also the center
     elif mode == "diffuse":
         grads.append(-grad_out)
-    return [out, *grads], lse
+    return [out, *grads], log_normalizer
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -51,19 +51,19 @@ def test_softmax_math_matches_reference(host_math, shape, dtype, mode):
     if mode == "diffuse_value":
         shape = (*shape[:2], shape[1], *shape[3:])
     inputs = make_inputs(shape, dtype, mode)
-    results, lse = _contract_results(host_math, mode, *inputs, 0.5)
+    results, log_normalizer = _contract_results(host_math, mode, *inputs, 0.5)
     assert_matches_reference(results, "softmax", mode, *inputs, 0.5)
     logits = 0.5 * inputs[0].double() @ inputs[1].double().transpose(1, 2)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_normalizer.double(), torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_known_statistics_single_pass(host_math, shape):
-    """With the lse given, the one-pass path gives the same output and gradients."""
+    """With the log_normalizer given, the one-pass path gives the same output and gradients."""
     inputs = make_inputs(shape, torch.float64, "diffuse")
-    _, lse = host_math.softmax_forward(*inputs[:3], None, None, 1.0)
-    results, returned = _contract_results(host_math, "diffuse", *inputs, 1.0, log_normalizer=lse)
-    assert returned is lse
+    _, log_normalizer = host_math.softmax_forward(*inputs[:3], None, None, 1.0)
+    results, returned = _contract_results(host_math, "diffuse", *inputs, 1.0, log_normalizer=log_normalizer)
+    assert returned is log_normalizer
     assert_matches_reference(results, "softmax", "diffuse", *inputs, 1.0)
 
 

@@ -12,7 +12,7 @@ again after tuning. Run with `pytest -m gpu` on a machine with a CUDA device.
 """
 import pytest
 import torch
-from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
+from harness import MODES, assert_matches_reference, backend_results, compare, make_inputs
 
 import fastnl
 from fastnl import affinities, backends
@@ -41,14 +41,7 @@ CASES = [(backend, kernel) for backend in ("triton", "cuda") for kernel in affin
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend, kernel", CASES)
 def test_matches_reference_on_gpu(backend, kernel, shape, dtype, mode):
-    batch, num_queries, num_keys, width_qk, width_v = shape
-    if mode == "diffuse_value":
-        num_keys = num_queries
-    width_qk = affinities.get(kernel).width or width_qk
-    inputs = make_inputs((batch, num_queries, num_keys, width_qk, width_v), dtype, mode, device="cuda")
-    scale = 0.5 if kernel == "softmax" else 1.0
-    results = backend_results(kernel, mode, backend, *inputs, scale)
-    assert_matches_reference(results, kernel, mode, *inputs, scale)
+    compare(backend, kernel, mode, shape, dtype, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -84,12 +77,12 @@ def _configuration_count():
     (1 without Triton or under its interpreter), so that each index is its own test and
     xdist spreads the compiles."""
     try:
-        from fastnl.kernels import _launch, linear, softmax_bwd, softmax_fwd
+        from fastnl.kernels import _launch, dot, softmax_bwd, softmax_fwd
     except ImportError:
         return 1
     widths = {"BLOCK_D": 16, "BLOCK_E": 64, "BLOCK_L": 16, "BLOCK_RIGHT": 64, "BLOCK_R": 64,
               "BLOCK_P": 64, "BLOCK_Q": 64}  # D = 8 and E = 48 padded, both ways round
-    return max(len(k.fitting(widths)) for module in (softmax_fwd, softmax_bwd, linear)
+    return max(len(k.fitting(widths)) for module in (softmax_fwd, softmax_bwd, dot)
                for k in vars(module).values() if isinstance(k, _launch.Tuned))
 
 

@@ -26,7 +26,7 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("kernel", affinities.names())
 def test_no_quadratic_tensor(kernel):
-    num_positions, width, value_width = 2048, affinities.get(kernel).width or 8, 16
+    num_positions, width, value_width = 2048, affinities.get(kernel).width_qk or 8, 16
     query = torch.randn(1, num_positions, width)
     key = torch.randn(1, num_positions, width)
     value = torch.randn(1, num_positions, value_width)
@@ -36,9 +36,9 @@ def test_no_quadratic_tensor(kernel):
     backward = getattr(torch_tiled, f"{functions}_backward")
     with LargestTensor() as tracker:
         if kernel == "softmax":
-            out, lse = forward(query, key, value, center, None, 0.5)
-            forward(query, key, value, center, lse, 0.5)
-            backward(torch.randn_like(out), query, key, value, center, out, lse, 0.5)
+            out, log_normalizer = forward(query, key, value, center, None, 0.5)
+            forward(query, key, value, center, log_normalizer, 0.5)
+            backward(torch.randn_like(out), query, key, value, center, out, log_normalizer, 0.5)
         else:
             out, _ = forward(query, key, value, center, 0.5)
             backward(torch.randn_like(out), query, key, value, center, 0.5)

@@ -96,13 +96,13 @@ def test_stage_uses_the_stage_input_affinity(mode):
 
 
 def test_stage_computes_statistics_once():
-    """One statistics pass for the whole stage; later blocks take the shared lse."""
+    """One statistics pass for the whole stage; later blocks take the shared log_normalizer."""
     stage = randomize(fastnl.NonlocalStage(8, num_blocks=4, backend="torch"))
     with OpNames() as seen:
         stage(torch.randn(2, 8, 5, 5)).sum().backward()
     fastnl_ops = [name for name in seen.names if name.startswith("fastnl.")]
     assert fastnl_ops.count("fastnl.softmax_forward.default") == 1
-    assert fastnl_ops.count("fastnl.softmax_forward_with_stats.default") == 3
+    assert fastnl_ops.count("fastnl.softmax_forward_with_log_normalizer.default") == 3
     assert fastnl_ops.count("fastnl.softmax_backward.default") == 4
 
 

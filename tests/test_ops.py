@@ -1,7 +1,7 @@
 """The custom-op contract: opcheck, torch.compile without graph breaks, stage statistics."""
 import pytest
 import torch
-from conftest import cpu_backends
+from harness import cpu_backends
 
 import fastnl
 from fastnl import affinities, ops
@@ -11,7 +11,7 @@ MEAN_KERNELS = [name for name in affinities.names() if affinities.get(name).norm
 
 
 def sample(kernel, dtype=torch.float64, requires_grad=True, square=False):
-    width = affinities.get(kernel).width or 8
+    width = affinities.get(kernel).width_qk or 8
     num_keys = 13 if square else 21
     tensors = (
         torch.randn(2, 13, width, dtype=dtype),
@@ -25,23 +25,23 @@ def sample(kernel, dtype=torch.float64, requires_grad=True, square=False):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("with_center", [False, True])
 def test_opcheck_forward_ops(backend, with_center):
-    for kernel, op in [("softmax", ops.softmax_forward)] + [(k, ops.linear_ops(k)[0]) for k in MEAN_KERNELS]:
+    for kernel, op in [("softmax", ops.softmax_forward)] + [(k, ops.mean_ops(k)[0]) for k in MEAN_KERNELS]:
         query, key, value, center = sample(kernel)
         torch.library.opcheck(op, (query, key, value, center if with_center else None, 0.5, backend))
     query, key, value, center = sample("softmax")
-    _, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
-    torch.library.opcheck(ops.softmax_forward_with_stats,
-                          (query, key, value, center if with_center else None, lse.detach(), 0.5, backend))
+    _, log_normalizer = ops.softmax_forward(query, key, value, center, 0.5, backend)
+    torch.library.opcheck(ops.softmax_forward_with_log_normalizer,
+                          (query, key, value, center if with_center else None, log_normalizer.detach(), 0.5, backend))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_opcheck_backward_ops(backend):
     query, key, value, center = sample("softmax", requires_grad=False)
-    out, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
+    out, log_normalizer = ops.softmax_forward(query, key, value, center, 0.5, backend)
     grad = torch.randn_like(out)
-    torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, lse, 0.5, backend))
+    torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, log_normalizer, 0.5, backend))
     for kernel in MEAN_KERNELS:
-        op = ops.linear_ops(kernel)[1]
+        op = ops.mean_ops(kernel)[1]
         query, key, value, center = sample(kernel, requires_grad=False)
         torch.library.opcheck(op, (grad, query, key, value, center, 0.5, backend))
 
@@ -56,12 +56,12 @@ def test_opcheck_ops_on_transposed_inputs(backend):
     # the fake kernels must give the real outputs' strides for any input strides
     query, key, value, center = (_transposed(t) for t in sample("softmax", requires_grad=False))
     assert not query.is_contiguous()
-    out, lse = ops.softmax_forward(query, key, value, center, 0.5, backend)
+    out, log_normalizer = ops.softmax_forward(query, key, value, center, 0.5, backend)
     grad = _transposed(torch.randn_like(out))
     torch.library.opcheck(ops.softmax_forward, (query, key, value, center, 0.5, backend))
-    torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, lse, 0.5, backend))
+    torch.library.opcheck(ops.softmax_backward, (grad, query, key, value, center, out, log_normalizer, 0.5, backend))
     for kernel in MEAN_KERNELS:
-        forward, backward = ops.linear_ops(kernel)
+        forward, backward = ops.mean_ops(kernel)
         query, key, value, center = (_transposed(t) for t in sample(kernel, requires_grad=False))
         torch.library.opcheck(forward, (query, key, value, center, 0.5, backend))
         torch.library.opcheck(backward, (grad, query, key, value, center, 0.5, backend))
@@ -102,5 +102,5 @@ def test_compile_with_inductor_forward_and_backward(mode):
 
 def test_statistics_output_is_not_differentiable():
     query, key, value, center = sample("softmax")
-    _, lse = fastnl.nonlocal_attend(query, key, value, center, backend="torch")
-    assert not lse.requires_grad
+    _, log_normalizer = fastnl.nonlocal_attend(query, key, value, center, backend="torch")
+    assert not log_normalizer.requires_grad

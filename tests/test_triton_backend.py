@@ -10,7 +10,7 @@ garbage), so bfloat16 is checked only on a GPU; here the backend must refuse it.
 import pytest
 import test_ops
 import torch
-from backend_cases import MODES, assert_matches_reference, backend_results, make_inputs
+from harness import MODES, assert_matches_reference, backend_results, compare, make_inputs
 
 import fastnl
 from fastnl import affinities, backends
@@ -35,28 +35,18 @@ DTYPES = [torch.float32, torch.float16]
 KERNELS = affinities.names()  # every registered kernel
 
 
-def _shape_for(kernel, mode, shape):
-    batch, num_queries, num_keys, width_qk, width_v = shape
-    if mode == "diffuse_value":
-        num_keys = num_queries
-    return batch, num_queries, num_keys, affinities.get(kernel).width or width_qk, width_v
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_matches_reference(kernel, shape, dtype, mode):
-    inputs = make_inputs(_shape_for(kernel, mode, shape), dtype, mode)
-    scale = 0.5 if kernel == "softmax" else 1.0
-    results = backend_results(kernel, mode, "triton", *inputs, scale)
-    assert_matches_reference(results, kernel, mode, *inputs, scale)
+    compare("triton", kernel, mode, shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_shared_statistics(shape, dtype):
-    """A stage's later blocks: lse from one call, then a single-pass diffuse that reuses it."""
+    """A stage's later blocks: log_normalizer from one call, then a single-pass diffuse that reuses it."""
     query, key, value, center, grad_out = make_inputs(shape, dtype, "diffuse")
     _, log_normalizer = fastnl.nonlocal_attend(query, key, value, backend="triton")
     logits = query.double() @ key.double().transpose(1, 2)

@@ -47,14 +47,14 @@ void with_depth(int64_t depth, Fn fn) {
 }
 
 struct Shape {
-  int64_t batch, queries, keys, depth, width;  // B, N, M, D, E
+  int64_t batch, queries, keys, width_qk, width_v;  // B, N, M, D, E
 };
 
-// Padded key columns (keys..width) of a logit tile must get zero probability.
+// Padded key columns (keys..columns) of a logit tile must get zero probability.
 template <typename T>
-void mask_padding(T* logits, int64_t rows, int64_t keys, int64_t width) {
+void mask_padding(T* logits, int64_t rows, int64_t keys, int64_t columns) {
   for (int64_t r = 0; r < rows; ++r)
-    std::fill(logits + r * width + keys, logits + (r + 1) * width, -std::numeric_limits<T>::infinity());
+    std::fill(logits + r * columns + keys, logits + (r + 1) * columns, -std::numeric_limits<T>::infinity());
 }
 
 // Online softmax over one logits^T tile (keys rows, Q columns): new column maxima, the
@@ -89,12 +89,12 @@ void online_softmax_columns(T* logits, int64_t keys, T* column_max, T* correctio
   }
 }
 
-// p = exp(logit - lse) over a logits^T tile, the columns' lse known.
+// p = exp(logit - log_normalizer) over a logits^T tile, the columns' log-normalizers known.
 template <typename T>
-void known_softmax_columns(T* logits, int64_t keys, const T* column_lse) {
+void known_softmax_columns(T* logits, int64_t keys, const T* column_log_normalizer) {
   constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
   Vec<T> shift[V];
-  for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_lse + v * L);
+  for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_log_normalizer + v * L);
   for (int64_t j = 0; j < keys; ++j)
     for (int v = 0; v < V; ++v) {
       T* at = logits + j * kForwardQueryTile + v * L;
@@ -102,17 +102,18 @@ void known_softmax_columns(T* logits, int64_t keys, const T* column_lse) {
     }
 }
 
+// known: log_normalizer holds the rows' log-sum-exp (one pass); else it receives it.
 template <typename T, int DEPTH>
-void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center, const T* known_lse,
-                    T* out, T* lse, T scale) {
+void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center, T* out,
+                    T* log_normalizer, bool known, T scale) {
   constexpr int64_t L = Vec<T>::size(), Q = kForwardQueryTile;
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
-  const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
+  const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
   const int64_t query_tiles = (N + Q - 1) / Q;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Buffer<T> query_t(D * Q), logits(std::min(kForwardKeyTile, M) * Q), acc(E * Q);
-    Buffer<T> column_max(Q), column_sum(Q), column_lse(Q), correction(Q);
+    Buffer<T> column_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / query_tiles, q0 = (item % query_tiles) * Q;
       const int64_t rows = std::min(Q, N - q0);
@@ -121,15 +122,15 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(column_max.begin(), column_max.end(), -std::numeric_limits<T>::infinity());
       std::fill(column_sum.begin(), column_sum.end(), T(0));
-      if (known_lse) {
-        std::fill(column_lse.begin(), column_lse.end(), T(0));
-        std::copy(known_lse + b * N + q0, known_lse + b * N + q0 + rows, column_lse.begin());
+      if (known) {
+        std::fill(column_log_normalizer.begin(), column_log_normalizer.end(), T(0));
+        std::copy(log_normalizer + b * N + q0, log_normalizer + b * N + q0 + rows, column_log_normalizer.begin());
       }
       for (int64_t k0 = 0; k0 < M; k0 += kForwardKeyTile) {
         const int64_t keys = std::min(kForwardKeyTile, M - k0);
         matmul_tile<T, DEPTH>(keys, Q, D, key + (b * M + k0) * D, D, 1, query_t.data(), Q, logits.data(), Q, false);
-        if (known_lse) {
-          known_softmax_columns(logits.data(), keys, column_lse.data());
+        if (known) {
+          known_softmax_columns(logits.data(), keys, column_log_normalizer.data());
         } else {
           online_softmax_columns(logits.data(), keys, column_max.data(), correction.data(), column_sum.data());
           // running maxima changed: rescale what was accumulated under the old ones
@@ -143,9 +144,9 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
-        const T inverse = known_lse ? T(1) : T(1) / column_sum[r];
+        const T inverse = known ? T(1) : T(1) / column_sum[r];
         for (int64_t e = 0; e < E; ++e) out[i * E + e] = acc[e * Q + r] * inverse - (center ? center[i * E + e] : T(0));
-        if (!known_lse) lse[i] = column_max[r] + std::log(column_sum[r]);
+        if (!known) log_normalizer[i] = column_max[r] + std::log(column_sum[r]);
       }
     }
   });
@@ -153,10 +154,10 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
 
 template <typename T, int DEPTH>
 void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T* key, const T* value, const T* center,
-                     const T* out, const T* lse, T* grad_query, T* grad_key, T* grad_value, T scale) {
-  const int64_t D = s.depth, E = s.width, N = s.queries, M = s.keys;
-  const int64_t key_stride = row_stride<T>(M), depth_width = padded<T>(D);
-  const int64_t tile_width = padded<T>(std::min(kBackwardKeyTile, M));
+                     const T* out, const T* log_normalizer, T* grad_query, T* grad_key, T* grad_value, T scale) {
+  const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
+  const int64_t key_stride = row_stride<T>(M), padded_d = padded<T>(D);
+  const int64_t tile_columns = padded<T>(std::min(kBackwardKeyTile, M));
   const int64_t query_tiles = (N + kBackwardQueryTile - 1) / kBackwardQueryTile;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / std::max<int64_t>(1, s.batch));
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
@@ -164,16 +165,16 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   const int64_t group_rows = tiles_per_group * kBackwardQueryTile;
   // dQ += dS K: for D = 8 in 16-lane vectors contracted along the keys (matmul_lanes_8)
   constexpr bool kLaneGradQuery = DEPTH == 8 && Vec<T>::size() == 16;
-  const int64_t grad_q_width = kLaneGradQuery ? D : depth_width;
+  const int64_t grad_q_stride = kLaneGradQuery ? D : padded_d;
   // (B, groups, D + E, M padded): each group's dK^T and dV^T
   Buffer<T> partial(s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_width);
-    Buffer<T> key_t(D * tile_width), value_t(E * tile_width);
-    Buffer<T> key_rows(kLaneGradQuery ? 0 : tile_width * depth_width);  // dQ's K rows, off the lane path
-    Buffer<T> probs(kBackwardQueryTile * tile_width), grad_logits(kBackwardQueryTile * tile_width);
+    Buffer<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_stride);
+    Buffer<T> key_t(D * tile_columns), value_t(E * tile_columns);
+    Buffer<T> key_rows(kLaneGradQuery ? 0 : tile_columns * padded_d);  // dQ's K rows, off the lane path
+    Buffer<T> probs(kBackwardQueryTile * tile_columns), grad_logits(kBackwardQueryTile * tile_columns);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, r0 = (item % groups) * group_rows;
       const int64_t rows_in_group = std::min(group_rows, N - r0);
@@ -192,42 +193,45 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
       T* grad_key_t = partial.data() + item * (D + E) * key_stride;
       T* grad_value_t = grad_key_t + D * key_stride;
       for (int64_t k0 = 0; k0 < M; k0 += kBackwardKeyTile) {
-        const int64_t keys = std::min(kBackwardKeyTile, M - k0), width = padded<T>(keys);
-        pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), width);
-        pack_transposed(value + (b * M + k0) * E, keys, E, value_t.data(), width);
-        if (!kLaneGradQuery) pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), depth_width);
+        const int64_t keys = std::min(kBackwardKeyTile, M - k0), columns = padded<T>(keys);
+        pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), columns);
+        pack_transposed(value + (b * M + k0) * E, keys, E, value_t.data(), columns);
+        if (!kLaneGradQuery) pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), padded_d);
         for (int64_t q0 = 0; q0 < rows_in_group; q0 += kBackwardQueryTile) {
           const int64_t rows = std::min(kBackwardQueryTile, rows_in_group - q0);
           const T* query_tile = scaled_query.data() + q0 * D;
           const T* grad_out_tile = grad_out + (first + q0) * E;
-          matmul_tile<T, DEPTH>(rows, width, D, query_tile, D, 1, key_t.data(), width, probs.data(), width, false);
-          mask_padding(probs.data(), rows, keys, width);
-          matmul_tile<T>(rows, width, E, grad_out_tile, E, 1, value_t.data(), width, grad_logits.data(), width, false);
+          matmul_tile<T, DEPTH>(rows, columns, D, query_tile, D, 1, key_t.data(), columns, probs.data(), columns,
+                                false);
+          mask_padding(probs.data(), rows, keys, columns);
+          matmul_tile<T>(rows, columns, E, grad_out_tile, E, 1, value_t.data(), columns, grad_logits.data(), columns,
+                         false);
           for (int64_t r = 0; r < rows; ++r) {
-            T* p_row = probs.data() + r * width;
-            T* ds_row = grad_logits.data() + r * width;
-            const Vec<T> shift(lse[first + q0 + r]), row_delta(delta[q0 + r]);
-            for (int64_t c = 0; c < width; c += Vec<T>::size()) {
+            T* p_row = probs.data() + r * columns;
+            T* ds_row = grad_logits.data() + r * columns;
+            const Vec<T> shift(log_normalizer[first + q0 + r]), row_delta(delta[q0 + r]);
+            for (int64_t c = 0; c < columns; c += Vec<T>::size()) {
               const Vec<T> p = fast_exp(Vec<T>::loadu(p_row + c) - shift);
               p.store(p_row + c);
               (p * (Vec<T>::loadu(ds_row + c) - row_delta)).store(ds_row + c);
             }
           }
-          matmul_tile<T>(E, width, rows, grad_out_tile, 1, E, probs.data(), width, grad_value_t + k0, key_stride, true);
-          matmul_tile<T>(D, width, rows, query_tile, 1, D, grad_logits.data(), width, grad_key_t + k0, key_stride,
+          matmul_tile<T>(E, columns, rows, grad_out_tile, 1, E, probs.data(), columns, grad_value_t + k0, key_stride,
+                         true);
+          matmul_tile<T>(D, columns, rows, query_tile, 1, D, grad_logits.data(), columns, grad_key_t + k0, key_stride,
                          true);
           if constexpr (kLaneGradQuery) {
-            matmul_lanes_8(rows, width, grad_logits.data(), width, key_t.data(), width,
-                           grad_q.data() + q0 * grad_q_width);
+            matmul_lanes_8(rows, columns, grad_logits.data(), columns, key_t.data(), columns,
+                           grad_q.data() + q0 * grad_q_stride);
           } else {
-            matmul_tile<T>(rows, depth_width, keys, grad_logits.data(), width, 1, key_rows.data(), depth_width,
-                           grad_q.data() + q0 * grad_q_width, depth_width, true);
+            matmul_tile<T>(rows, padded_d, keys, grad_logits.data(), columns, 1, key_rows.data(), padded_d,
+                           grad_q.data() + q0 * grad_q_stride, padded_d, true);
           }
         }
       }
       for (int64_t r = 0; r < rows_in_group; ++r)
         for (int64_t d = 0; d < D; ++d) {
-          const T* sum = grad_q.data() + r * grad_q_width;
+          const T* sum = grad_q.data() + r * grad_q_stride;
           grad_query[(first + r) * D + d] = scale * sum[d];
         }
     }
@@ -260,18 +264,18 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
   const int64_t B = query.size(0), N = query.size(1);
   if (log_normalizer) check_like("log_normalizer", *log_normalizer, {B, N}, query.scalar_type());
   Tensor out = at::empty({B, N, value.size(2)}, value.options());
-  Tensor lse = log_normalizer ? *log_normalizer : at::empty({B, N}, query.options());
+  const bool known = log_normalizer.has_value();
+  Tensor log_normalizer_out = known ? *log_normalizer : at::empty({B, N}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_cpp::softmax_forward", [&] {
     const Shape shape{B, N, key.size(1), query.size(2), value.size(2)};
-    with_depth(shape.depth, [&](auto depth) {
+    with_depth(shape.width_qk, [&](auto depth) {
       forward_kernel<scalar_t, decltype(depth)::value>(
           shape, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
-          center ? center->const_data_ptr<scalar_t>() : nullptr,
-          log_normalizer ? log_normalizer->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-          log_normalizer ? nullptr : lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
+          center ? center->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+          log_normalizer_out.data_ptr<scalar_t>(), known, static_cast<scalar_t>(scale));
     });
   });
-  return {out, lse};
+  return {out, log_normalizer_out};
 }
 
 std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
@@ -285,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, cons
   Tensor grad_query = at::empty_like(query), grad_key = at::empty_like(key), grad_value = at::empty_like(value);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_cpp::softmax_backward", [&] {
     const Shape shape{B, N, key.size(1), query.size(2), E};
-    with_depth(shape.depth, [&](auto depth) {
+    with_depth(shape.width_qk, [&](auto depth) {
       backward_kernel<scalar_t, decltype(depth)::value>(
           shape, grad_out.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
           value.const_data_ptr<scalar_t>(), center ? center->const_data_ptr<scalar_t>() : nullptr,

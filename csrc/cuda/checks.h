@@ -13,7 +13,7 @@
 namespace fastnl {
 
 // The row statistics' dtype: float64 for float64 inputs, else float32 (the backend contract).
-inline at::ScalarType stats_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType accumulate_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_tensor(const at::Tensor& tensor, const char* name, at::IntArrayRef shape, at::DeviceType device,
                          at::ScalarType dtype) {
@@ -44,20 +44,21 @@ inline void check_softmax_operands(const at::Tensor& query, const at::Tensor& ke
     if (tensor->has_value()) check_tensor(tensor->value(), name, {batch, num_queries, width_v}, device, dtype);
   }
   if (log_normalizer.has_value()) {
-    check_tensor(log_normalizer.value(), "log_normalizer", {batch, num_queries}, device, stats_dtype(dtype));
+    check_tensor(log_normalizer.value(), "log_normalizer", {batch, num_queries}, device, accumulate_dtype(dtype));
   }
 }
 
-// Checks a forward call; returns {out (B, N, E), lse (B, N)}, lse being log_normalizer when given.
+// Checks a forward call; returns {out (B, N, E), log_normalizer (B, N)}: the given one, or a new one to fill.
 inline std::vector<at::Tensor> prepare_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                                const c10::optional<at::Tensor>& center,
                                                const c10::optional<at::Tensor>& log_normalizer, at::DeviceType device) {
   check_softmax_operands(query, key, value, {{"center", &center}}, log_normalizer, device);
   auto out = at::empty({query.size(0), query.size(1), value.size(2)}, value.options());
-  auto stats = log_normalizer.has_value()
-                   ? log_normalizer.value()
-                   : at::empty({query.size(0), query.size(1)}, query.options().dtype(stats_dtype(query.scalar_type())));
-  return {out, stats};
+  auto log_normalizer_out =
+      log_normalizer.has_value()
+          ? log_normalizer.value()
+          : at::empty({query.size(0), query.size(1)}, query.options().dtype(accumulate_dtype(query.scalar_type())));
+  return {out, log_normalizer_out};
 }
 
 // Checks a backward call; returns zeroed {grad_query, grad_key, grad_value}.

@@ -19,8 +19,8 @@ constexpr int kTile = 64;  // as the CUDA kernels' key and query tiles
 
 template <int kWidth, typename acc_t>
 void forward_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                  const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& stats_in, at::Tensor& out,
-                  at::Tensor& stats_out, acc_t scale) {
+                  const c10::optional<at::Tensor>& center, at::Tensor& out, at::Tensor& log_normalizer, bool known,
+                  acc_t scale) {
   const int64_t batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
   const int width_qk = query.size(2), width_v = value.size(2);
   for (int64_t b = 0; b < batch; ++b) {
@@ -35,16 +35,16 @@ void forward_rows(const at::Tensor& query, const at::Tensor& key, const at::Tens
         const int count = std::min<int64_t>(kTile, num_keys - start);
         const acc_t* key_tile = keys + start * width_qk;
         const acc_t* value_tile = values + start * width_v;
-        if (stats_in.has_value()) {
+        if (known) {
           known_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale,
-                                    stats_in->data_ptr<acc_t>()[row], accumulator.data());
+                                    log_normalizer.data_ptr<acc_t>()[row], accumulator.data());
         } else {
           online_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state,
                                      accumulator.data());
         }
       }
-      if (!stats_in.has_value()) {
-        stats_out.data_ptr<acc_t>()[row] = online_finish<kWidth>(state, accumulator.data(), width_v);
+      if (!known) {
+        log_normalizer.data_ptr<acc_t>()[row] = online_finish<kWidth>(state, accumulator.data(), width_v);
       }
       const acc_t* center_row = center.has_value() ? center->data_ptr<acc_t>() + row * width_v : nullptr;
       store_row<kWidth>(accumulator.data(), center_row, out.data_ptr<acc_t>() + row * width_v, width_v);
@@ -54,7 +54,7 @@ void forward_rows(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 template <int kWidth, typename acc_t>
 void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                   const c10::optional<at::Tensor>& center, const at::Tensor& out, const at::Tensor& stats,
+                   const c10::optional<at::Tensor>& center, const at::Tensor& out, const at::Tensor& log_normalizer,
                    at::Tensor& grad_query, at::Tensor& grad_key, at::Tensor& grad_value, acc_t scale) {
   const int64_t batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
   const int width_qk = query.size(2), width_v = value.size(2);
@@ -64,7 +64,7 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
     deltas[row] = softmax_delta<kWidth, acc_t>(grad_out.data_ptr<acc_t>() + row * width_v,
                                                out.data_ptr<acc_t>() + row * width_v, center_row, width_v);
   }
-  const acc_t* lses = stats.data_ptr<acc_t>();
+  const acc_t* log_normalizers = log_normalizer.data_ptr<acc_t>();
   for (int64_t b = 0; b < batch; ++b) {
     const acc_t* queries = query.data_ptr<acc_t>() + b * num_queries * width_qk;
     const acc_t* grad_outs = grad_out.data_ptr<acc_t>() + b * num_queries * width_v;
@@ -74,7 +74,7 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
       acc_t* grad_query_row = grad_query.data_ptr<acc_t>() + (b * num_queries + i) * width_qk;
       for (int64_t start = 0; start < num_keys; start += kTile) {
         const int count = std::min<int64_t>(kTile, num_keys - start);
-        query_grad_tile<kWidth>(queries + i * width_qk, grad_outs + i * width_v, lses[b * num_queries + i],
+        query_grad_tile<kWidth>(queries + i * width_qk, grad_outs + i * width_v, log_normalizers[b * num_queries + i],
                                 deltas[b * num_queries + i], keys + start * width_qk, values + start * width_v, count,
                                 width_qk, width_v, scale, grad_query_row);
       }
@@ -85,7 +85,7 @@ void backward_rows(const at::Tensor& grad_out, const at::Tensor& query, const at
       for (int64_t start = 0; start < num_queries; start += kTile) {
         const int count = std::min<int64_t>(kTile, num_queries - start);
         key_value_grad_tile<kWidth>(keys + j * width_qk, values + j * width_v, queries + start * width_qk,
-                                    grad_outs + start * width_v, lses + b * num_queries + start,
+                                    grad_outs + start * width_v, log_normalizers + b * num_queries + start,
                                     deltas.data() + b * num_queries + start, count, width_qk, width_v, scale,
                                     grad_key_row, grad_value_row);
       }
@@ -108,8 +108,8 @@ std::vector<at::Tensor> softmax_forward(const at::Tensor& query, const at::Tenso
   check_host_dtype(query);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_host_softmax_forward", [&] {
     dispatch_width(static_cast<int>(std::max(query.size(2), value.size(2))), [&](auto bucket) {
-      forward_rows<decltype(bucket)::value, scalar_t>(query, key, value, center, log_normalizer, outputs[0], outputs[1],
-                                                      static_cast<scalar_t>(scale));
+      forward_rows<decltype(bucket)::value, scalar_t>(query, key, value, center, outputs[0], outputs[1],
+                                                      log_normalizer.has_value(), static_cast<scalar_t>(scale));
     });
   });
   return outputs;
@@ -133,6 +133,6 @@ std::vector<at::Tensor> softmax_backward(const at::Tensor& grad_out, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nonlocal_math.h on the CPU: the CUDA kernels' arithmetic, checked without a GPU";
-  m.def("softmax_forward", &fastnl::softmax_forward, "(out, lse) as the backend contract");
+  m.def("softmax_forward", &fastnl::softmax_forward, "(out, log_normalizer) as the backend contract");
   m.def("softmax_backward", &fastnl::softmax_backward, "(grad_query, grad_key, grad_value)");
 }

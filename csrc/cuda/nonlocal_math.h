@@ -7,7 +7,7 @@
 // left GPU-only.
 //
 // Notation as in docs/design.md: query q_i (D), key k_j (D), value v_j (E), center c_i (E),
-// p_ij = exp(scale q_i.k_j - lse_i), out_i = sum_j p_ij v_j [- c_i].
+// p_ij = exp(scale q_i.k_j - log_normalizer_i), out_i = sum_j p_ij v_j [- c_i].
 // Tiles are row-major: `count` rows of `width` numbers, already in the accumulator type.
 //
 // Row loops run to a compile-time bound kWidth (a bucket >= the runtime width, chosen by
@@ -105,7 +105,7 @@ FASTNL_HD void online_absorb_tile(const acc_t* query_row, const acc_t* keys, con
   }
 }
 
-// Normalise the accumulator after the last tile; returns the row's lse.
+// Normalise the accumulator after the last tile; returns the row's log_normalizer.
 template <int kWidth, typename acc_t>
 FASTNL_HD acc_t online_finish(const OnlineRow<acc_t>& state, acc_t* accumulator, int width_v) {
   FASTNL_UNROLL
@@ -115,12 +115,12 @@ FASTNL_HD acc_t online_finish(const OnlineRow<acc_t>& state, acc_t* accumulator,
   return state.row_max + math_log(state.row_sum);
 }
 
-// Absorb a tile when the stage already knows lse: probabilities are final, one pass.
+// Absorb a tile when the stage already knows the log_normalizer: probabilities are final, one pass.
 template <int kWidth, typename acc_t>
 FASTNL_HD void known_absorb_tile(const acc_t* query_row, const acc_t* keys, const acc_t* values, int count,
-                                 int width_qk, int width_v, acc_t scale, acc_t lse, acc_t* accumulator) {
+                                 int width_qk, int width_v, acc_t scale, acc_t log_normalizer, acc_t* accumulator) {
   for (int j = 0; j < count; ++j) {
-    const acc_t prob = math_exp(scale * dot<kWidth>(query_row, keys + j * width_qk, width_qk) - lse);
+    const acc_t prob = math_exp(scale * dot<kWidth>(query_row, keys + j * width_qk, width_qk) - log_normalizer);
     add_scaled<kWidth>(accumulator, prob, values + j * width_v, width_v);
   }
 }
@@ -154,11 +154,11 @@ FASTNL_HD acc_t softmax_delta(const scalar_t* grad_out_row, const scalar_t* out_
 
 // dQ_i += scale sum_j dS_ij k_j over a tile of keys.
 template <int kWidth, typename acc_t>
-FASTNL_HD void query_grad_tile(const acc_t* query_row, const acc_t* grad_out_row, acc_t lse, acc_t delta,
+FASTNL_HD void query_grad_tile(const acc_t* query_row, const acc_t* grad_out_row, acc_t log_normalizer, acc_t delta,
                                const acc_t* keys, const acc_t* values, int count, int width_qk, int width_v,
                                acc_t scale, acc_t* grad_query_row) {
   for (int j = 0; j < count; ++j) {
-    const acc_t prob = math_exp(scale * dot<kWidth>(query_row, keys + j * width_qk, width_qk) - lse);
+    const acc_t prob = math_exp(scale * dot<kWidth>(query_row, keys + j * width_qk, width_qk) - log_normalizer);
     const acc_t grad_logit = prob * (dot<kWidth>(grad_out_row, values + j * width_v, width_v) - delta);
     add_scaled<kWidth>(grad_query_row, scale * grad_logit, keys + j * width_qk, width_qk);
   }
@@ -167,10 +167,10 @@ FASTNL_HD void query_grad_tile(const acc_t* query_row, const acc_t* grad_out_row
 // dK_j += scale sum_i dS_ij q_i and dV_j += sum_i p_ij dO_i over a tile of queries.
 template <int kWidth, typename acc_t>
 FASTNL_HD void key_value_grad_tile(const acc_t* key_row, const acc_t* value_row, const acc_t* queries,
-                                   const acc_t* grad_outs, const acc_t* lses, const acc_t* deltas, int count,
+                                   const acc_t* grad_outs, const acc_t* log_normalizers, const acc_t* deltas, int count,
                                    int width_qk, int width_v, acc_t scale, acc_t* grad_key_row, acc_t* grad_value_row) {
   for (int i = 0; i < count; ++i) {
-    const acc_t prob = math_exp(scale * dot<kWidth>(queries + i * width_qk, key_row, width_qk) - lses[i]);
+    const acc_t prob = math_exp(scale * dot<kWidth>(queries + i * width_qk, key_row, width_qk) - log_normalizers[i]);
     add_scaled<kWidth>(grad_value_row, prob, grad_outs + i * width_v, width_v);
     const acc_t grad_logit = prob * (dot<kWidth>(grad_outs + i * width_v, value_row, width_v) - deltas[i]);
     add_scaled<kWidth>(grad_key_row, scale * grad_logit, queries + i * width_qk, width_qk);

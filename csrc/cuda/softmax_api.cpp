@@ -12,7 +12,7 @@ std::vector<at::Tensor> softmax_forward(const at::Tensor& query, const at::Tenso
                                         const c10::optional<at::Tensor>& log_normalizer, double scale) {
   const c10::cuda::CUDAGuard guard(query.device());
   auto outputs = prepare_forward(query, key, value, center, log_normalizer, at::kCUDA);
-  launch_softmax_forward(query, key, value, center, log_normalizer, outputs[0], outputs[1], scale);
+  launch_softmax_forward(query, key, value, center, outputs[0], outputs[1], log_normalizer.has_value(), scale);
   return outputs;
 }
 
@@ -30,6 +30,6 @@ std::vector<at::Tensor> softmax_backward(const at::Tensor& grad_out, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastnl's CUDA kernels for the softmax nonlocal operator";
-  m.def("softmax_forward", &fastnl::softmax_forward, "(out, lse) as the backend contract");
+  m.def("softmax_forward", &fastnl::softmax_forward, "(out, log_normalizer) as the backend contract");
   m.def("softmax_backward", &fastnl::softmax_backward, "(grad_query, grad_key, grad_value)");
 }

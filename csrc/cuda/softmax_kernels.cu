@@ -5,7 +5,7 @@
 // shared memory (converted to the accumulator type). All arithmetic is in
 // nonlocal_math.h, shared with the host build that the tests run on the CPU.
 //   forward:  block = query tile, loop over key tiles (online softmax, or one pass with
-//             a known lse), center subtracted on store;
+//             a known log_normalizer), center subtracted on store;
 //   backward: delta_i = dO_i . O_i per row; block = key tile for dK, dV (loop over
 //             query tiles); block = query tile for dQ (loop over key tiles). No atomics.
 // Every kernel is instantiated per width bucket kWidth (dispatch_width): its per-thread
@@ -93,9 +93,8 @@ __device__ __forceinline__ void for_each_key_tile(const scalar_t* key, const sca
 template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
                                const scalar_t* __restrict__ value, const scalar_t* __restrict__ center,
-                               const acc_t* __restrict__ stats_in, scalar_t* __restrict__ out,
-                               acc_t* __restrict__ stats_out, int num_queries, int num_keys, int width_qk, int width_v,
-                               acc_t scale) {
+                               scalar_t* __restrict__ out, acc_t* __restrict__ log_normalizer, bool known,
+                               int num_queries, int num_keys, int width_qk, int width_v, acc_t scale) {
   extern __shared__ unsigned char shared[];
   const ThreadRow mine = thread_row(num_queries);  // plain variables: lambdas below capture them
   const int64_t batch = mine.batch, row = mine.row;
@@ -107,15 +106,15 @@ __global__ void forward_kernel(const scalar_t* __restrict__ query, const scalar_
   OnlineRow<acc_t> state = online_start<acc_t>();
   for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
                     [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
-    if (active && stats_in != nullptr) {
-      known_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, stats_in[row],
+    if (active && known) {
+      known_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, log_normalizer[row],
                                 accumulator);
     } else if (active) {
       online_absorb_tile<kWidth>(query_row, key_tile, value_tile, count, width_qk, width_v, scale, state, accumulator);
     }
   });
   if (!active) return;
-  if (stats_in == nullptr) stats_out[row] = online_finish<kWidth>(state, accumulator, width_v);
+  if (!known) log_normalizer[row] = online_finish<kWidth>(state, accumulator, width_v);
   store_row<kWidth>(accumulator, center == nullptr ? nullptr : center + row * width_v, out + row * width_v, width_v);
 }
 
@@ -132,7 +131,7 @@ __global__ void delta_kernel(const scalar_t* __restrict__ grad_out, const scalar
 template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ query,
                                   const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
-                                  const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
+                                  const acc_t* __restrict__ log_normalizer, const acc_t* __restrict__ delta,
                                   scalar_t* __restrict__ grad_query, int num_queries, int num_keys, int width_qk,
                                   int width_v, acc_t scale) {
   extern __shared__ unsigned char shared[];
@@ -149,8 +148,8 @@ __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const s
   for_each_key_tile(key, value, batch, num_keys, width_qk, width_v, shared,
                     [&](const acc_t* key_tile, const acc_t* value_tile, int count) {
     if (active) {
-      query_grad_tile<kWidth>(query_row, grad_out_row, stats[row], delta[row], key_tile, value_tile, count, width_qk,
-                              width_v, scale, grad_query_row);
+      query_grad_tile<kWidth>(query_row, grad_out_row, log_normalizer[row], delta[row], key_tile, value_tile, count,
+                              width_qk, width_v, scale, grad_query_row);
     }
   });
   if (active) store_plain_row<kWidth>(grad_query_row, grad_query + row * width_qk, width_qk);
@@ -159,20 +158,20 @@ __global__ void query_grad_kernel(const scalar_t* __restrict__ grad_out, const s
 template <int kWidth, typename scalar_t, typename acc_t>
 __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ query,
                                       const scalar_t* __restrict__ key, const scalar_t* __restrict__ value,
-                                      const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
+                                      const acc_t* __restrict__ log_normalizer, const acc_t* __restrict__ delta,
                                       scalar_t* __restrict__ grad_key, scalar_t* __restrict__ grad_value,
                                       int num_queries, int num_keys, int width_qk, int width_v, acc_t scale) {
   extern __shared__ unsigned char shared[];
   acc_t* query_tile = reinterpret_cast<acc_t*>(shared);
   acc_t* grad_out_tile = query_tile + kTile * width_qk;
-  acc_t* lse_tile = grad_out_tile + kTile * width_v;
-  acc_t* delta_tile = lse_tile + kTile;
+  acc_t* log_normalizer_tile = grad_out_tile + kTile * width_v;
+  acc_t* delta_tile = log_normalizer_tile + kTile;
   const ThreadRow mine = thread_row(num_keys);
   const int64_t batch = mine.batch, key_row = mine.row;
   const bool active = mine.active;
   query += batch * num_queries * width_qk;
   grad_out += batch * num_queries * width_v;
-  stats += batch * num_queries;
+  log_normalizer += batch * num_queries;
   delta += batch * num_queries;
 
   acc_t key_row_values[kWidth], value_row[kWidth], grad_key_row[kWidth], grad_value_row[kWidth];
@@ -186,12 +185,12 @@ __global__ void key_value_grad_kernel(const scalar_t* __restrict__ grad_out, con
     const int count = min(kTile, num_queries - start);
     stage_rows(query_tile, query, start, count, width_qk);
     stage_rows(grad_out_tile, grad_out, start, count, width_v);
-    stage_rows(lse_tile, stats, start, count, 1);
+    stage_rows(log_normalizer_tile, log_normalizer, start, count, 1);
     stage_rows(delta_tile, delta, start, count, 1);
     __syncthreads();
     if (active) {
-      key_value_grad_tile<kWidth>(key_row_values, value_row, query_tile, grad_out_tile, lse_tile, delta_tile, count,
-                                  width_qk, width_v, scale, grad_key_row, grad_value_row);
+      key_value_grad_tile<kWidth>(key_row_values, value_row, query_tile, grad_out_tile, log_normalizer_tile, delta_tile,
+                                  count, width_qk, width_v, scale, grad_key_row, grad_value_row);
     }
     __syncthreads();
   }
@@ -222,8 +221,8 @@ int blocks(int64_t rows) { return static_cast<int>((rows + kTile - 1) / kTile); 
 }  // namespace
 
 void launch_softmax_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                            const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& log_normalizer,
-                            const at::Tensor& out, const at::Tensor& stats_out, double scale) {
+                            const c10::optional<at::Tensor>& center, const at::Tensor& out,
+                            const at::Tensor& log_normalizer, bool known, double scale) {
   const int batch = query.size(0), num_queries = query.size(1), num_keys = key.size(1);
   const int width_qk = query.size(2), width_v = value.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fastnl_softmax_forward", [&] {
@@ -232,9 +231,9 @@ void launch_softmax_forward(const at::Tensor& query, const at::Tensor& key, cons
       constexpr int kWidth = decltype(bucket)::value;
       launch(forward_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_queries), batch),
              sizeof(acc_t) * kTile * (width_qk + width_v), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
-             value.data_ptr<scalar_t>(), optional_data<scalar_t>(center), optional_data<acc_t>(log_normalizer),
-             out.data_ptr<scalar_t>(), log_normalizer.has_value() ? nullptr : stats_out.data_ptr<acc_t>(), num_queries,
-             num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+             value.data_ptr<scalar_t>(), optional_data<scalar_t>(center), out.data_ptr<scalar_t>(),
+             log_normalizer.data_ptr<acc_t>(), known, num_queries, num_keys, width_qk, width_v,
+             static_cast<acc_t>(scale));
     });
   });
 }
@@ -251,7 +250,7 @@ void launch_softmax_backward(const at::Tensor& grad_out, const at::Tensor& query
     const auto* q = query.data_ptr<scalar_t>();
     const auto* k = key.data_ptr<scalar_t>();
     const auto* v = value.data_ptr<scalar_t>();
-    const auto* lse = log_normalizer.data_ptr<acc_t>();
+    const auto* log_normalizers = log_normalizer.data_ptr<acc_t>();
     auto* row_delta = delta.data_ptr<acc_t>();
     const int64_t num_rows = static_cast<int64_t>(batch) * num_queries;
     dispatch_width(std::max(width_qk, width_v), [&](auto bucket) {
@@ -259,12 +258,13 @@ void launch_softmax_backward(const at::Tensor& grad_out, const at::Tensor& query
       launch(delta_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_rows)), 0, d_out, out.data_ptr<scalar_t>(),
              optional_data<scalar_t>(center), row_delta, num_rows, width_v);
       launch(key_value_grad_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_keys), batch),
-             sizeof(acc_t) * kTile * (width_qk + width_v + 2), d_out, q, k, v, lse,
+             sizeof(acc_t) * kTile * (width_qk + width_v + 2), d_out, q, k, v, log_normalizers,
              static_cast<const acc_t*>(row_delta), grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
              num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
       launch(query_grad_kernel<kWidth, scalar_t, acc_t>, dim3(blocks(num_queries), batch),
-             sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, lse, static_cast<const acc_t*>(row_delta),
-             grad_query.data_ptr<scalar_t>(), num_queries, num_keys, width_qk, width_v, static_cast<acc_t>(scale));
+             sizeof(acc_t) * kTile * (width_qk + width_v), d_out, q, k, v, log_normalizers,
+             static_cast<const acc_t*>(row_delta), grad_query.data_ptr<scalar_t>(), num_queries, num_keys, width_qk,
+             width_v, static_cast<acc_t>(scale));
     });
   });
 }

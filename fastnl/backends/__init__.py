@@ -10,10 +10,10 @@ contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or
         (optional; a backend without it takes every width)
     softmax_forward(query, key, value, center, log_normalizer, scale)
         -> (out, log_normalizer)
-        out_i = sum_j p_ij v_j - [c_i], p_ij = exp(scale q_i.k_j - lse_i); the row
-        log-sum-exp lse (B, N) is float64 for float64 inputs, else float32. When
-        log_normalizer is given it is the lse of these query/key: use it (a single pass,
-        no online rescaling) and return it.
+        out_i = sum_j p_ij v_j - [c_i], p_ij = exp(scale q_i.k_j - log_normalizer_i);
+        log_normalizer (B, N), the row log-sum-exp, is float64 for float64 inputs, else
+        float32. When given it is that of these query/key: use it (a single pass, no
+        online rescaling) and return it.
     softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale)
         -> (grad_query, grad_key, grad_value)
     NAME_forward(query, key, value, center, scale) -> (out, row_weight)
@@ -56,6 +56,11 @@ def names():
     return sorted(_MODULES)
 
 
+def available(device_type):
+    """The backends that can run on `device_type` in this process, by name."""
+    return [name for name in names() if unavailable_reason(name, device_type) is None]
+
+
 def _load(name):
     return importlib.import_module(_MODULES[name])
 
@@ -68,6 +73,11 @@ def unavailable_reason(name, device_type):
     except Exception as error:  # a backend that fails to import is unavailable, not fatal
         return f"importing {_MODULES[name]} failed: {error}"
     return module.unavailable_reason(device_type)
+
+
+def accumulate_dtype(dtype):
+    """float64 stays float64; everything else accumulates in float32 (and log_normalizer is stored so)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def refuse_widths_above(limit):

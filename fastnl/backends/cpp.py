@@ -82,10 +82,10 @@ def _as_compute(*tensors):
 
 
 def softmax_forward(query, key, value, center, log_normalizer, scale):
-    out, lse = torch.ops.fastnl_cpp.softmax_forward(
+    out, computed = torch.ops.fastnl_cpp.softmax_forward(
         *_as_compute(query, key, value, center, log_normalizer), scale
     )
-    return out.to(value.dtype), (log_normalizer if log_normalizer is not None else lse)
+    return out.to(value.dtype), (log_normalizer if log_normalizer is not None else computed)
 
 
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):
@@ -95,30 +95,30 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
     return tuple(grad.to(query.dtype) for grad in grads)
 
 
-def _linear_forward(op, query, key, value, center, scale):
+def _mean_forward(op, query, key, value, center, scale):
     out, row_weight = op(*_as_compute(query, key, value, center), scale)
     return out.to(value.dtype), row_weight
 
 
-def _linear_backward(op, grad_out, query, key, value, center, scale):
+def _mean_backward(op, grad_out, query, key, value, center, scale):
     grads = op(*_as_compute(grad_out, query, key, value, center), scale)
     return tuple(grad.to(query.dtype) for grad in grads)
 
 
 def dot_forward(query, key, value, center, scale):
-    return _linear_forward(torch.ops.fastnl_cpp.dot_forward, query, key, value, center, scale)
+    return _mean_forward(torch.ops.fastnl_cpp.dot_forward, query, key, value, center, scale)
 
 
 def dot_backward(grad_out, query, key, value, center, scale):
-    return _linear_backward(torch.ops.fastnl_cpp.dot_backward, grad_out, query, key, value, center, scale)
+    return _mean_backward(torch.ops.fastnl_cpp.dot_backward, grad_out, query, key, value, center, scale)
 
 
 def concat_forward(query, key, value, center, scale):
-    return _linear_forward(torch.ops.fastnl_cpp.concat_forward, query, key, value, center, scale)
+    return _mean_forward(torch.ops.fastnl_cpp.concat_forward, query, key, value, center, scale)
 
 
 def concat_backward(grad_out, query, key, value, center, scale):
-    return _linear_backward(torch.ops.fastnl_cpp.concat_backward, grad_out, query, key, value, center, scale)
+    return _mean_backward(torch.ops.fastnl_cpp.concat_backward, grad_out, query, key, value, center, scale)
 
 
 if __name__ == "__main__":

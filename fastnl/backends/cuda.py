@@ -29,8 +29,8 @@ def unavailable_reason(device_type):
 
 
 def softmax_forward(query, key, value, center, log_normalizer, scale):
-    out, stats = _cuda_build.cuda_extension().softmax_forward(query, key, value, center, log_normalizer, scale)
-    return out, stats
+    out, log_normalizer = _cuda_build.cuda_extension().softmax_forward(query, key, value, center, log_normalizer, scale)
+    return out, log_normalizer
 
 
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):

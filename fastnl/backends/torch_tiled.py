@@ -8,16 +8,13 @@ are computed in float32 and rounded once at the end.
 """
 import torch
 
+from fastnl.backends import accumulate_dtype
+
 KEY_TILE = 128  # keys per tile: (B, N, 128) logits at a time; 256 held 80% of the reference's peak at B=16, N=1024
 
 
 def unavailable_reason(device_type):
     return None
-
-
-def accumulate_dtype(dtype):
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # The shifted logit below which e^x is a denormal (float32: below 1.2e-38). On x86
@@ -49,10 +46,10 @@ def softmax_forward(query, key, value, center, log_normalizer, scale):
     out = scaled_query.new_zeros(batch, num_queries, value.shape[2])
     if log_normalizer is not None:
         # statistics known: one pass, no rescaling
-        lse = log_normalizer.to(acc).unsqueeze(-1)
+        shift = log_normalizer.to(acc).unsqueeze(-1)
         for tile in _key_tiles(key.shape[1]):
             logits = scaled_query @ key[:, tile].to(acc).transpose(1, 2)
-            out.baddbmm_(_exp(logits - lse), value[:, tile].to(acc))
+            out.baddbmm_(_exp(logits - shift), value[:, tile].to(acc))
     else:
         row_max = scaled_query.new_full((batch, num_queries, 1), float("-inf"))
         row_sum = scaled_query.new_zeros(batch, num_queries, 1)
@@ -66,11 +63,10 @@ def softmax_forward(query, key, value, center, log_normalizer, scale):
             out.mul_(correction).baddbmm_(probs, value[:, tile].to(acc))
             row_max = new_max
         out.div_(row_sum)
-        lse = row_max + torch.log(row_sum)
+        log_normalizer = (row_max + torch.log(row_sum)).squeeze(-1)
     if center is not None:
         out.sub_(center.to(acc))
-    lse = lse.squeeze(-1)
-    return out.to(query.dtype), (log_normalizer if log_normalizer is not None else lse)
+    return out.to(query.dtype), log_normalizer
 
 
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):
@@ -80,13 +76,13 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
     aggregate = out.to(acc) if center is None else out.to(acc) + center.to(acc)
     # delta_i = sum_j p_ij dp_ij = dO_i . aggregate_i (FlashAttention-2's preprocessing)
     delta = (grad_out * aggregate).sum(dim=-1, keepdim=True)
-    lse = log_normalizer.to(acc).unsqueeze(-1)
+    shift = log_normalizer.to(acc).unsqueeze(-1)
     grad_query = torch.zeros_like(scaled_query)
     grad_key = torch.empty(key.shape, dtype=acc, device=key.device)
     grad_value = torch.empty(value.shape, dtype=acc, device=value.device)
     for tile in _key_tiles(key.shape[1]):
         key_tile, value_tile = key[:, tile].to(acc), value[:, tile].to(acc)
-        probs = _exp(scaled_query @ key_tile.transpose(1, 2) - lse)
+        probs = _exp(scaled_query @ key_tile.transpose(1, 2) - shift)
         grad_value[:, tile] = probs.transpose(1, 2) @ grad_out
         grad_logits = probs * (grad_out @ value_tile.transpose(1, 2) - delta)
         grad_query.baddbmm_(grad_logits, key_tile)

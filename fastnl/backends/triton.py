@@ -1,7 +1,7 @@
 """The "triton" backend: fused Triton kernels (fastnl.kernels), the default on CUDA.
 
 softmax runs FlashAttention-2-style kernels (kernels/softmax_fwd.py, softmax_bwd.py);
-dot runs the O(N) associativity path with Triton products (kernels/linear.py);
+dot runs the O(N) associativity path with Triton products (kernels/dot.py);
 concat is the torch backend's sort + suffix sums, reused as is: its cost is the sort,
 which torch.sort already does on the GPU, and a Triton scan would only copy it.
 
@@ -15,8 +15,8 @@ import functools
 
 import torch
 
-from fastnl.backends import refuse_widths_above
-from fastnl.backends.torch_tiled import accumulate_dtype, concat_backward, concat_forward  # noqa: F401
+from fastnl.backends import accumulate_dtype, refuse_widths_above
+from fastnl.backends.torch_tiled import concat_backward, concat_forward  # noqa: F401
 
 MAX_WIDTH = 128
 refuses = refuse_widths_above(MAX_WIDTH)
@@ -25,9 +25,9 @@ refuses = refuse_widths_above(MAX_WIDTH)
 def _kernels():
     """fastnl.kernels' launchers, imported on first use so that importing the backend
     module does not decide the interpreter mode."""
-    from fastnl.kernels import _launch, linear, softmax_bwd, softmax_fwd
+    from fastnl.kernels import _launch, dot, softmax_bwd, softmax_fwd
 
-    return _launch, linear, softmax_fwd, softmax_bwd
+    return _launch, dot, softmax_fwd, softmax_bwd
 
 
 def unavailable_reason(device_type):
@@ -73,11 +73,11 @@ def softmax_forward(query, key, value, center, log_normalizer, scale):
     launch, _, softmax_fwd, _ = _kernels()
     batch, num_queries = query.shape[:2]
     out = launch.new_output(value, (batch, num_queries, value.shape[2]))
-    stats = None
-    if log_normalizer is None:
-        stats = launch.new_output(query, (batch, num_queries), accumulate_dtype(query.dtype))
-    softmax_fwd.softmax_forward(query, key, value, center, log_normalizer, scale, out, stats)
-    return out, (log_normalizer if log_normalizer is not None else stats)
+    known = log_normalizer is not None
+    if not known:
+        log_normalizer = launch.new_output(query, (batch, num_queries), accumulate_dtype(query.dtype))
+    softmax_fwd.softmax_forward(query, key, value, center, scale, out, log_normalizer, known)
+    return out, log_normalizer
 
 
 @_on_inputs_device
@@ -94,11 +94,11 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
 @_on_inputs_device
 def dot_forward(query, key, value, center, scale):
     _check(query, value)
-    linear = _kernels()[1]
+    dot = _kernels()[1]
     acc = accumulate_dtype(query.dtype)
     factor = scale / key.shape[1]
-    state = linear.outer_sum(key, value)                                   # sum_j k_j v_j^T (B, D, E)
-    out = linear.rows_times(query, state, factor, acc)
+    state = dot.outer_sum(key, value)                                   # sum_j k_j v_j^T (B, D, E)
+    out = dot.rows_times(query, state, factor, acc)
     # row_weight_i = factor q_i . sum_j k_j: a matrix-vector product, torch's
     row_weight = torch.bmm(query.to(acc), key.to(acc).sum(dim=1, keepdim=True).transpose(1, 2))
     row_weight = row_weight.squeeze(-1).mul_(factor)
@@ -110,15 +110,15 @@ def dot_forward(query, key, value, center, scale):
 @_on_inputs_device
 def dot_backward(grad_out, query, key, value, center, scale):
     _check(query, value)
-    linear = _kernels()[1]
+    dot = _kernels()[1]
     acc = accumulate_dtype(query.dtype)
     factor = scale / key.shape[1]
     grad_out = grad_out.to(acc).contiguous()
-    state = linear.outer_sum(key, value)                                   # S = sum_j k_j v_j^T
-    grad_state = linear.outer_sum(query, grad_out)                         # G = sum_i q_i dO_i^T
-    grad_query = linear.rows_times(grad_out, state.transpose(1, 2), factor, acc)
-    grad_key = linear.rows_times(value, grad_state.transpose(1, 2), factor, acc)
-    grad_value = linear.rows_times(key, grad_state, factor, value.dtype)
+    state = dot.outer_sum(key, value)                                   # S = sum_j k_j v_j^T
+    grad_state = dot.outer_sum(query, grad_out)                         # G = sum_i q_i dO_i^T
+    grad_query = dot.rows_times(grad_out, state.transpose(1, 2), factor, acc)
+    grad_key = dot.rows_times(value, grad_state.transpose(1, 2), factor, acc)
+    grad_value = dot.rows_times(key, grad_state, factor, value.dtype)
     if center is not None:
         # the center's term -row_weight_i c_i: with g_i = dO_i . c_i, dq_i -= factor g_i sum_j k_j
         # and every dk_j -= factor sum_i g_i q_i (vector terms, torch's)
