@@ -44,16 +44,12 @@ def sdpa_diffuse(query, key, value):
 
 
 def backend_diffuse(backend):
-    return lambda query, key, value: fastnl.nonlocal_diffuse(query, key, value, backend=backend)
-
-
-def cpu_backends():
-    return [name for name in backends.names() if backends.unavailable_reason(name, "cpu") is None]
+    return lambda query, key, value: fastnl.nonlocal_diffuse(query, key, value, value, backend=backend)
 
 
 IMPLEMENTATIONS = {
     "reference": backend_diffuse("reference"),
-    **{name: backend_diffuse(name) for name in cpu_backends()},
+    **{name: backend_diffuse(name) for name in backends.available("cpu")},
     "sdpa": sdpa_diffuse,
 }
 

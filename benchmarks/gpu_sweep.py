@@ -62,7 +62,7 @@ def sdpa_diffuse(backend):
 
 
 def fastnl_diffuse(backend):
-    return lambda query, key, value: fastnl.nonlocal_diffuse(query, key, value, backend=backend)
+    return lambda query, key, value: fastnl.nonlocal_diffuse(query, key, value, value, backend=backend)
 
 
 def implementations(device, dtype):

@@ -16,6 +16,7 @@ All float32, fastnl's default scale 1; SDPA is given the same scale.
 from time import perf_counter
 
 import pytest
+import summary
 import torch
 from cases import IMPLEMENTATIONS, SIZES, make_inputs, run_step, sdpa_diffuse, size_name
 from conftest import peak_extra_bytes
@@ -31,26 +32,19 @@ pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not
 BAR_SIZE = SIZES[0]
 STAGE_BLOCKS = 4
 DOT_SIZE = dict(batch=1, positions=16384, width=8, value_width=16)
-MEDIANS = {}  # (group, implementation) -> median seconds; ("peak bytes", implementation) -> bytes
-
-
-def _record(benchmark, implementation):
-    if benchmark.stats is not None:
-        MEDIANS[(benchmark.group, implementation)] = benchmark.stats.stats.median
-
 
 @pytest.mark.parametrize("implementation", ["cpp", "sdpa", "torch", "reference"])
-def test_diffuse_forward_backward(benchmark, implementation):
+def test_diffuse_forward_backward(benchmark, record, implementation):
     benchmark.group = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"
     inputs = make_inputs(BAR_SIZE, requires_grad=True)
     run_step(IMPLEMENTATIONS[implementation], inputs, True)  # build / warm up outside the timing
     benchmark.pedantic(run_step, args=(IMPLEMENTATIONS[implementation], inputs, True),
                        rounds=9 if implementation != "reference" else 4, warmup_rounds=1)
-    _record(benchmark, implementation)
+    record(benchmark, implementation)
 
 
 @pytest.mark.parametrize("implementation", ["cpp", "sdpa", "torch"])
-def test_sharp_affinity(benchmark, implementation):
+def test_sharp_affinity(benchmark, record, implementation):
     """Queries x 10: logits spread over hundreds, as in a trained block, so most shifted
     logits fall below -87 where e^x is a denormal float (slow unless flushed)."""
     benchmark.group = f"diffuse softmax fwd+bwd, logits x 10 {size_name(BAR_SIZE)}"
@@ -59,7 +53,7 @@ def test_sharp_affinity(benchmark, implementation):
     run_step(IMPLEMENTATIONS[implementation], inputs, True)
     benchmark.pedantic(run_step, args=(IMPLEMENTATIONS[implementation], inputs, True), rounds=5,
                        warmup_rounds=1)
-    _record(benchmark, implementation)
+    record(benchmark, implementation)
 
 
 def _stage_step(implementation, query, key, value):
@@ -85,35 +79,35 @@ def _stage_step(implementation, query, key, value):
 
 
 @pytest.mark.parametrize("implementation", ["cpp", "sdpa"])
-def test_stage_chain(benchmark, implementation):
+def test_stage_chain(benchmark, record, implementation):
     benchmark.group = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {size_name(BAR_SIZE)}"
     step = _stage_step(implementation, *make_inputs(BAR_SIZE, requires_grad=True))
     step()
     benchmark.pedantic(step, rounds=7, warmup_rounds=1)
-    _record(benchmark, implementation)
+    record(benchmark, implementation)
 
 
 @pytest.mark.parametrize("implementation", ["cpp", "reference"])
-def test_dot_forward_backward(benchmark, implementation):
+def test_dot_forward_backward(benchmark, record, implementation):
     benchmark.group = f"diffuse dot fwd+bwd {size_name(DOT_SIZE)}"
     query, key, value = make_inputs(DOT_SIZE, requires_grad=True)
 
     def step():
-        out = fastnl.nonlocal_diffuse(query, key, value, kernel="dot", backend=implementation)
+        out = fastnl.nonlocal_diffuse(query, key, value, value, kernel="dot", backend=implementation)
         out.backward(torch.ones_like(out))
 
     step()
     benchmark.pedantic(step, rounds=9 if implementation == "cpp" else 2, warmup_rounds=0)
-    _record(benchmark, implementation)
+    record(benchmark, implementation)
 
 
 @pytest.mark.parametrize("implementation", ["cpp", "reference"])
-def test_peak_memory(benchmark, implementation):
+def test_peak_memory(benchmark, record, implementation):
     """Timed as a whole subprocess; the number that matters is extra_info's peak."""
     benchmark.group = f"peak extra memory, diffuse fwd+bwd {size_name(BAR_SIZE)}"
     peak = benchmark.pedantic(peak_extra_bytes, args=(implementation, SIZES.index(BAR_SIZE), True), rounds=1)
     benchmark.extra_info["peak_extra_MiB"] = round(peak / 2**20, 2)
-    MEDIANS[("peak bytes", implementation)] = peak
+    summary.VALUES[f"peak bytes {implementation}"] = peak
 
 
 def test_machine_throughput(benchmark):
@@ -129,10 +123,10 @@ def test_machine_throughput(benchmark):
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     exp_seconds = min(_time(lambda: torch.exp(values, out=exps)) for _ in range(5))
     gemm_seconds = min(_time(lambda: torch.mm(left, right, out=product)) for _ in range(5))
-    MEDIANS[("machine", "exp/s")] = values.numel() / exp_seconds
-    MEDIANS[("machine", "flop/s")] = 2 * 1024**3 / gemm_seconds
-    benchmark.extra_info.update(gexp_per_s=round(MEDIANS[("machine", "exp/s")] / 1e9, 2),
-                                gflop_per_s=round(MEDIANS[("machine", "flop/s")] / 1e9, 1))
+    summary.VALUES["exp/s"] = values.numel() / exp_seconds
+    summary.VALUES["flop/s"] = 2 * 1024**3 / gemm_seconds
+    benchmark.extra_info.update(gexp_per_s=round(summary.VALUES["exp/s"] / 1e9, 2),
+                                gflop_per_s=round(summary.VALUES["flop/s"] / 1e9, 1))
 
 
 def _time(function):
@@ -141,46 +135,40 @@ def _time(function):
     return perf_counter() - start
 
 
-def _ratio(group, slower, faster):
-    if (group, slower) in MEDIANS and (group, faster) in MEDIANS:
-        return MEDIANS[(group, slower)] / MEDIANS[(group, faster)]
-    return None
-
-
+@summary.section("fastnl cpp backend: the issue's bars (medians from the groups above)")
 def _summary_lines():
     batch, positions, width, value_width = BAR_SIZE.values()
     main = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"
     stage = f"stage chain of {STAGE_BLOCKS} diffuse fwd+bwd {size_name(BAR_SIZE)}"
     dot = f"diffuse dot fwd+bwd {size_name(DOT_SIZE)}"
     bars = [
-        ("cpp vs reference, diffuse fwd+bwd", _ratio(main, "reference", "cpp"), 4.0),
-        ("cpp vs SDPA + subtraction", _ratio(main, "sdpa", "cpp"), 1.5),
-        (f"stage chain of {STAGE_BLOCKS}: cpp vs SDPA", _ratio(stage, "sdpa", "cpp"), 1.4),
-        ("dot at N=16384: cpp vs reference", _ratio(dot, "reference", "cpp"), 50.0),
+        ("cpp vs reference, diffuse fwd+bwd", summary.ratio(main, "reference", "cpp"), 4.0),
+        ("cpp vs SDPA + subtraction", summary.ratio(main, "sdpa", "cpp"), 1.5),
+        (f"stage chain of {STAGE_BLOCKS}: cpp vs SDPA", summary.ratio(stage, "sdpa", "cpp"), 1.4),
+        ("dot at N=16384: cpp vs reference", summary.ratio(dot, "reference", "cpp"), 50.0),
     ]
-    lines = [f"{'bar':<42}{'speed-up':>10}{'needed':>8}"]
-    lines += [f"{name:<42}{ratio:>10.2f}{need:>8.1f}" for name, ratio, need in bars if ratio is not None]
+    lines = summary.bar_lines(bars)
     sharp = f"diffuse softmax fwd+bwd, logits x 10 {size_name(BAR_SIZE)}"
-    if _ratio(sharp, "sdpa", "cpp") is not None:
-        lines.append(f"sharp affinity (logits x 10): cpp {MEDIANS[(sharp, 'cpp')] * 1e3:.2f} ms, SDPA "
-                     f"{MEDIANS[(sharp, 'sdpa')] * 1e3:.2f} ms = {_ratio(sharp, 'sdpa', 'cpp'):.2f}x "
+    if summary.ratio(sharp, "sdpa", "cpp") is not None:
+        lines.append(f"sharp affinity (logits x 10): cpp {summary.median(sharp, 'cpp') * 1e3:.2f} ms, SDPA "
+                     f"{summary.median(sharp, 'sdpa') * 1e3:.2f} ms = {summary.ratio(sharp, 'sdpa', 'cpp'):.2f}x "
                      f"(reported, no bar)")
-    peaks = MEDIANS.get(("peak bytes", "cpp")), MEDIANS.get(("peak bytes", "reference"))
+    peaks = summary.VALUES.get("peak bytes cpp"), summary.VALUES.get("peak bytes reference")
     if None not in peaks:
         lines.append(f"peak extra memory: cpp {peaks[0] / 2**20:.1f} MiB, reference {peaks[1] / 2**20:.1f} MiB "
                      f"= {100 * peaks[0] / peaks[1]:.1f}% (needed <= 5%)")
-    if ("machine", "exp/s") in MEDIANS and (main, "cpp") in MEDIANS:
+    measured = summary.median(main, "cpp")
+    if "exp/s" in summary.VALUES and measured is not None:
         pairs = batch * positions * positions
         exps = 2 * pairs  # forward, and the backward's recomputed tiles
         # per pair: forward q.k (D) and p v (E); backward q.k, dp (E), dV (E), dK (D), dQ (D)
         flops = 2 * pairs * (4 * width + 3 * value_width)
-        exp_seconds = exps / MEDIANS[("machine", "exp/s")]
-        flop_seconds = flops / MEDIANS[("machine", "flop/s")]
-        measured = MEDIANS[(main, "cpp")]
+        exp_seconds = exps / summary.VALUES["exp/s"]
+        flop_seconds = flops / summary.VALUES["flop/s"]
         lines.append(f"exp + FLOP estimate for cpp fwd+bwd at this machine's torch.exp and sgemm rates: "
-                     f"{exps / 1e6:.0f}M exp at {MEDIANS[('machine', 'exp/s')] / 1e9:.2f} G/s = "
+                     f"{exps / 1e6:.0f}M exp at {summary.VALUES['exp/s'] / 1e9:.2f} G/s = "
                      f"{exp_seconds * 1e3:.2f} ms + {flops / 1e9:.2f} GFLOP at "
-                     f"{MEDIANS[('machine', 'flop/s')] / 1e9:.0f} GFLOP/s = {flop_seconds * 1e3:.2f} ms; "
+                     f"{summary.VALUES['flop/s'] / 1e9:.0f} GFLOP/s = {flop_seconds * 1e3:.2f} ms; "
                      f"measured {measured * 1e3:.2f} ms = {measured / (exp_seconds + flop_seconds):.0%} "
                      f"of the estimate")
         # not a floor: the kernels' exp (no overflow handling; on AVX-512 9 vector
@@ -189,21 +177,3 @@ def _summary_lines():
         lines.append(f"the FLOPs alone at the sgemm rate: {flop_seconds * 1e3:.2f} ms = "
                      f"{flop_seconds / measured:.0%} of the measured time")
     return lines
-
-
-class _SummaryPlugin:
-    """Prints the bars after pytest-benchmark's tables (a terminal-summary hook)."""
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_terminal_summary(self, terminalreporter):
-        if MEDIANS:
-            terminalreporter.section("fastnl cpp backend: the issue's bars (medians from the groups above)")
-            for line in _summary_lines():
-                terminalreporter.write_line("  " + line)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("fastnl-cpp-bench-summary"):
-        manager.register(_SummaryPlugin(), "fastnl-cpp-bench-summary")
