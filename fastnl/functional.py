@@ -1,6 +1,24 @@
-"""The public functional API: nonlocal_aggregate, nonlocal_diffuse, nonlocal_attend."""
+"""The public functional API: nonlocal_aggregate, nonlocal_diffuse, nonlocal_attend.
+
+Under `torch.autocast` the operators run in autocast's dtype (bfloat16 on CPU, float16
+or bfloat16 on CUDA), as the matmuls they are made of would: float32 operands are cast
+to it, float64 ones stay float64 (autocast leaves float64 alone), and the row
+log_normalizer stays float32. Outputs are then in that dtype.
+"""
+import torch
+
 from fastnl import affinities, backends, ops, reference
 from fastnl._checks import check_log_normalizer, check_operands
+
+
+def _autocast(*tensors):
+    """The operands as autocast would hand them to a matmul (unchanged outside autocast)."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None,
@@ -14,6 +32,7 @@ def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1
     `NonlocalStage` computes it once and all its blocks reuse it. It is a cache, not
     a differentiable output; gradients of query and key are exact either way.
     """
+    query, key, value, center = _autocast(query, key, value, center)
     check_operands(query, key, value, center, kernel, scale)
     if log_normalizer is not None:
         check_log_normalizer(log_normalizer, query)
@@ -49,6 +68,7 @@ def nonlocal_aggregate(query, key, value, *, kernel="softmax", scale=1.0, backen
     backend None picks the fastest available for the device; "reference" materialises
     the N x M matrix; "torch" is memory-light plain PyTorch (see fastnl.backends).
     """
+    query, key, value = _autocast(query, key, value)
     check_operands(query, key, value, None, kernel, scale)
     return _attend(query, key, value, None, kernel, scale, backend)[0]
 
@@ -64,5 +84,6 @@ def nonlocal_diffuse(query, key, value, center, *, kernel="softmax", scale=1.0, 
     if center is None:
         raise TypeError("nonlocal_diffuse needs a center (B, N, E): pass value for Tao et al.'s "
                         "v_j - v_i, or call nonlocal_aggregate for no center")
+    query, key, value, center = _autocast(query, key, value, center)
     check_operands(query, key, value, center, kernel, scale)
     return _attend(query, key, value, center, kernel, scale, backend)[0]

@@ -17,10 +17,20 @@ Modules hold convolutions, BatchNorm and reshapes; the arithmetic is
 - `bn_layer=True`: W_z is a 1x1 convolution C' -> C followed by BatchNorm whose weight
   and bias start at zero; `bn_layer=False`: W_z alone, initialised to zero. Either
   way a new block is the identity (Wang et al., Sec. 4.1).
+
+Layout: the modules work on position rows (B, N, C), the layout of the nonlocal ops.
+A channels-last input (`torch.channels_last`, or the 1D/3D equivalent) is such rows
+already, viewed without a copy, and the output is a channels-last view of the result
+rows; any other input is copied into rows once and the result copied back once into
+the input's (contiguous) format. Between the two, every 1x1 convolution is a GEMM on
+the rows (`F.linear` with the convolution's own weight, so the parameters keep their
+names and shapes and old checkpoints load as they are), theta and phi are one GEMM, and
+BatchNorm and max-pooling run on channels-last views of the rows.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastnl import affinities
@@ -37,9 +47,39 @@ _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _POOL = {1: lambda: nn.MaxPool1d(2), 2: lambda: nn.MaxPool2d(2), 3: lambda: nn.MaxPool3d((1, 2, 2))}
 
 
-def _positions(x):
-    """(B, C, *spatial) -> (B, N, C)."""
-    return x.flatten(2).transpose(1, 2)
+def _rows(x):
+    """(B, C, *S) -> contiguous rows (B, N, C): a view of a channels-last x, else one copy."""
+    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1]).contiguous()
+
+
+def _spatial(rows, spatial):
+    """rows (B, N, C) -> (B, C, *spatial), a channels-last view of the rows."""
+    return rows.view(rows.shape[0], *spatial, rows.shape[2]).movedim(-1, 1)
+
+
+class _ContiguousFromRows(torch.autograd.Function):
+    """rows (B, N, C) -> contiguous (B, C, *S), and its gradient back into contiguous
+    rows: one copy each way (autograd's own would hand every block of a stage a
+    strided gradient, which each one copies again)."""
+
+    @staticmethod
+    def forward(ctx, rows, spatial):
+        return _spatial(rows, spatial).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rows(grad), None
+
+
+def _conv_weight(conv):
+    """A 1x1 convolution's weight (C_out, C_in, 1, ...) as the (C_out, C_in) matrix (a view)."""
+    return conv.weight.flatten(1)
+
+
+def _pool_rows(pool, rows, spatial):
+    """Max-pool rows over their spatial grid: (B, N, C) -> (B, M, C), and the pooled grid."""
+    pooled = pool(_spatial(rows, spatial))
+    return _rows(pooled), pooled.shape[2:]
 
 
 def _check_options(in_channels, inter_channels, mode, dimension):
@@ -70,8 +110,9 @@ class Affinity(nn.Module):
             self.theta = conv(in_channels, inter_channels, kernel_size=1)
             self.phi = conv(in_channels, inter_channels, kernel_size=1)
             width = inter_channels
+        self.pool = _POOL[dimension]() if sub_sample else None
         if sub_sample:
-            self.phi = nn.Sequential(self.phi, _POOL[dimension]())
+            self.phi = nn.Sequential(self.phi, self.pool)  # the state-dict names of a pooled phi
         if mode == "concatenation":
             # concat_project's weight split in its theta and phi halves
             self.project_query = conv(inter_channels, 1, kernel_size=1, bias=False)
@@ -79,11 +120,23 @@ class Affinity(nn.Module):
         softmax = affinities.get(self.kernel).normalisation == "softmax"
         self.scale = 1.0 / math.sqrt(width) if use_scale and softmax else 1.0
 
-    def forward(self, x):
-        theta, phi = self.theta(x), self.phi(x)
+    def forward(self, rows, spatial):
+        """rows (B, N, C) on the grid `spatial` -> query (B, N, D), key (B, M, D)."""
+        if isinstance(self.theta, nn.Identity):
+            theta = phi = rows
+        else:
+            # theta and phi as one GEMM (B, N, 2C'); its halves made contiguous once here,
+            # not by every operator call of a stage
+            phi_conv = self.phi[0] if self.pool is not None else self.phi
+            weight = torch.cat([_conv_weight(self.theta), _conv_weight(phi_conv)])
+            both = F.linear(rows, weight, torch.cat([self.theta.bias, phi_conv.bias]))
+            theta, phi = (half.contiguous() for half in both.split(both.shape[-1] // 2, dim=-1))
+        if self.pool is not None:
+            phi, _ = _pool_rows(self.pool, phi, spatial)
         if self.kernel == "concat":
-            theta, phi = self.project_query(theta), self.project_key(phi)
-        return _positions(theta), _positions(phi)
+            theta = F.linear(theta, _conv_weight(self.project_query))
+            phi = F.linear(phi, _conv_weight(self.project_key))
+        return theta, phi
 
 
 class ValueBranch(nn.Module):
@@ -104,22 +157,15 @@ class ValueBranch(nn.Module):
             nn.init.zeros_(self.W_z.weight)
             nn.init.zeros_(self.W_z.bias)
 
-    def values(self, z):
-        """(value (B, M, C') at the pooled positions, center (B, N, C') at all positions)."""
-        g = self.g(z)
-        center = _positions(g)
-        return (_positions(self.pool(g)) if self.pool is not None else center), center
+    def values(self, rows, spatial):
+        """rows (B, N, C) -> (value (B, M, C') at the pooled positions, center (B, N, C'))."""
+        center = F.linear(rows, _conv_weight(self.g), self.g.bias)
+        return (_pool_rows(self.pool, center, spatial)[0] if self.pool is not None else center), center
 
-    def project(self, y, like):
-        """(B, N, C') -> W_z y with the spatial shape of `like`.
-
-        The transposed view is channels-last; for a contiguous `like` it is copied to
-        contiguous, so W_z's weight gradient gets its parameter's strides (DDP copies,
-        and warns about, gradients whose strides differ from its buckets').
-        """
-        y = y.transpose(1, 2).reshape(like.shape[0], -1, *like.shape[2:])
-        y = self.W_z(y.contiguous() if like.is_contiguous() else y)
-        return self.bn(y) if self.bn is not None else y
+    def project(self, y, spatial):
+        """(B, N, C') -> rows (B, N, C) of W_z y, then BatchNorm on their channels-last view."""
+        y = F.linear(y, _conv_weight(self.W_z), self.W_z.bias)
+        return _rows(self.bn(_spatial(y, spatial))) if self.bn is not None else y
 
     def weight_product(self):
         """W_z W_g (C, C) with BatchNorm folded into W_z (its scale; biases dropped)."""
@@ -148,6 +194,17 @@ class _Nonlocal(nn.Module):
                 f"{type(self).__name__} expects (B, {self.in_channels}, "
                 f"{', '.join('*' * self.dimension)}) input, got shape {tuple(x.shape)}"
             )
+
+    def query_key(self, x):
+        """query (B, N, D), key (B, M, D) of an input x (B, C, *S), as forward computes them."""
+        return self.affinity(_rows(x), x.shape[2:])
+
+    def _output(self, rows, x):
+        """Result rows (B, N, C) as (B, C, *S) in x's memory format: channels-last stays a
+        view; a contiguous x gets a contiguous result (the one copy out)."""
+        if x.is_contiguous():
+            return _ContiguousFromRows.apply(rows, x.shape[2:])
+        return _spatial(rows, x.shape[2:])
 
     def _attend(self, query, key, value, center=None, log_normalizer=None):
         return nonlocal_attend(query, key, value, center, kernel=self.affinity.kernel,
@@ -178,11 +235,12 @@ class NonlocalBlock(_Nonlocal):
 
     def forward(self, x):
         self._check_input(x)
-        query, key = self.affinity(x)
+        rows, spatial = _rows(x), x.shape[2:]
+        query, key = self.affinity(rows, spatial)
         branch = self.branches[0]
-        value, _ = branch.values(x)
+        value, _ = branch.values(rows, spatial)
         y, _ = self._attend(query, key, value)
-        return x + branch.project(y, x)
+        return self._output(rows + branch.project(y, spatial), x)
 
 
 class NonlocalStage(_Nonlocal):
@@ -206,10 +264,11 @@ class NonlocalStage(_Nonlocal):
 
     def forward(self, x):
         self._check_input(x)
-        query, key = self.affinity(x)
-        z, log_normalizer = x, None
+        rows, spatial = _rows(x), x.shape[2:]
+        query, key = self.affinity(rows, spatial)
+        z, log_normalizer = rows, None
         for branch in self.branches:
-            value, center = branch.values(z)
+            value, center = branch.values(z, spatial)
             y, log_normalizer = self._attend(query, key, value, center, log_normalizer)
-            z = z + branch.project(y, z)
-        return z
+            z = z + branch.project(y, spatial)
+        return self._output(z, x)

@@ -23,6 +23,16 @@ def _contiguous(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+def _call(backend, function, *args):
+    """backends.get(backend).function on contiguous copies of the tensors in `args`,
+    returning contiguous tensors. Autocast is off inside: an op computes in its inputs'
+    dtype (fastnl.functional casts them under autocast), and a backend's own products
+    in the accumulator dtype stay there."""
+    args = [arg.contiguous() if isinstance(arg, Tensor) else arg for arg in args]
+    with torch.autocast(args[0].device.type, enabled=False):
+        return _contiguous(*getattr(backends.get(backend), function)(*args))
+
+
 def _empty(*tensors):
     """Contiguous tensors shaped like `tensors`: what the backward ops return."""
     return tuple(t.new_empty(t.shape) for t in tensors)
@@ -37,8 +47,7 @@ def softmax_forward(
 ) -> tuple[Tensor, Tensor]:
     """(out, log_normalizer): out_i = sum_j softmax_j(scale q_i.k_j) v_j [- c_i]; log_normalizer (B, N)
     the row log-sum-exp."""
-    args = _contiguous(query, key, value, center)
-    return _contiguous(*backends.get(backend).softmax_forward(*args, None, scale))
+    return _call(backend, "softmax_forward", query, key, value, center, None, scale)
 
 
 @softmax_forward.register_fake
@@ -53,8 +62,7 @@ def softmax_forward_with_log_normalizer(
     scale: float, backend: str,
 ) -> Tensor:
     """As softmax_forward, with the row log-sum-exp already known: a single pass."""
-    args = _contiguous(query, key, value, center, log_normalizer)
-    return backends.get(backend).softmax_forward(*args, scale)[0].contiguous()
+    return _call(backend, "softmax_forward", query, key, value, center, log_normalizer, scale)[0]
 
 
 @softmax_forward_with_log_normalizer.register_fake
@@ -68,8 +76,7 @@ def softmax_backward(
     grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor],
     out: Tensor, log_normalizer: Tensor, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    args = _contiguous(grad_out, query, key, value, center, out, log_normalizer)
-    return _contiguous(*backends.get(backend).softmax_backward(*args, scale))
+    return _call(backend, "softmax_backward", grad_out, query, key, value, center, out, log_normalizer, scale)
 
 
 @softmax_backward.register_fake
@@ -126,13 +133,11 @@ def _define_mean_kernel(name):
 
     def forward_impl(query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor], scale: float,
                      backend: str) -> tuple[Tensor, Tensor]:
-        function = getattr(backends.get(backend), f"{name}_forward")
-        return _contiguous(*function(*_contiguous(query, key, value, center), scale))
+        return _call(backend, f"{name}_forward", query, key, value, center, scale)
 
     def backward_impl(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, center: Optional[Tensor],
                       scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-        function = getattr(backends.get(backend), f"{name}_backward")
-        return _contiguous(*function(*_contiguous(grad_out, query, key, value, center), scale))
+        return _call(backend, f"{name}_backward", grad_out, query, key, value, center, scale)
 
     forward_op = torch.library.custom_op(f"fastnl::{name}_forward", forward_impl, mutates_args=())
     backward_op = torch.library.custom_op(f"fastnl::{name}_backward", backward_impl, mutates_args=())

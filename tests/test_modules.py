@@ -55,12 +55,12 @@ def test_new_modules_are_the_identity_and_keep_shape(mode, dimension, sub_sample
 def test_sub_sampling_pools_keys_and_values_only():
     block = fastnl.NonlocalBlock(8, sub_sample=True)
     x = torch.randn(2, 8, 6, 6)
-    query, key = block.affinity(x)
-    value, center = block.branches[0].values(x)
+    query, key = block.query_key(x)
+    value, center = block.branches[0].values(x.flatten(2).transpose(1, 2), x.shape[2:])
     assert query.shape == (2, 36, 4) and key.shape == (2, 9, 4)
     assert value.shape == (2, 9, 4) and center.shape == (2, 36, 4)
     three_d = fastnl.NonlocalBlock(8, sub_sample=True, dimension=3)  # time is not pooled
-    assert three_d.affinity(torch.randn(1, 8, 3, 4, 4))[1].shape == (1, 12, 4)
+    assert three_d.query_key(torch.randn(1, 8, 3, 4, 4))[1].shape == (1, 12, 4)
 
 
 def test_block_is_wang_et_al_formula():
@@ -81,14 +81,17 @@ def test_stage_uses_the_stage_input_affinity(mode):
     x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
     kernel, scale = stage.affinity.kernel, stage.affinity.scale
 
+    def rows(t):
+        return t.flatten(2).transpose(1, 2)
+
     def run(affinity_from_current):
-        z = x
+        z = rows(x)
         for branch in stage.branches:
-            query, key = stage.affinity(z if affinity_from_current else x)
-            value, center = branch.values(z)
+            query, key = stage.affinity(z if affinity_from_current else rows(x), x.shape[2:])
+            value, center = branch.values(z, x.shape[2:])
             y = reference.diffuse(query, key, value, center, kernel=kernel, scale=scale)
-            z = z + branch.project(y, z)
-        return z
+            z = z + branch.project(y, x.shape[2:])
+        return z.transpose(1, 2).reshape(x.shape)
 
     out = stage(x)
     torch.testing.assert_close(out, run(affinity_from_current=False))

@@ -94,3 +94,11 @@ def test_progress_bar_on_a_terminal_and_piped(image_folder, tmp_path, capsys, mo
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     main([*arguments, "--out", str(tmp_path / "terminal")])
     assert "\repoch 1/1: " in capsys.readouterr().err  # redrawn in place
+
+
+@pytest.mark.parametrize("flag, expected", [(None, True), ("--no-channels-last", False), ("--channels-last", True)])
+def test_cpu_runs_default_to_channels_last_and_store_the_choice(image_folder, tmp_path, flag, expected):
+    config = _config(image_folder, tmp_path / "run", "--max-steps", "1", *([flag] if flag else []))
+    assert config.channels_last is (None if flag is None else expected)
+    train(config)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["channels_last"] is expected

@@ -32,7 +32,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     amp: str | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: resolved when a run starts (True on CPU)
     compile: bool = False
     sync_bn: bool = False
     max_steps: int | None = None

@@ -10,6 +10,7 @@ and lets a checkpoint written by K ranks resume on any number of ranks.
 """
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -85,6 +86,8 @@ def train(config):
 
 
 def _train(config, ranks, device):
+    if config.channels_last is None:  # the default, stored resolved in config.json
+        config = replace(config, channels_last=device.type == "cpu")
     out = Path(config.out)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -47,7 +47,7 @@ def module_affinity(module, inputs):
     rounding stays far below any real departure from the disc.
     """
     with torch.no_grad():
-        query, key = module.affinity(inputs)
+        query, key = module.query_key(inputs)
     return normalized_affinity(query.double(), key.double(), kernel=module.affinity.kernel,
                                scale=module.affinity.scale)
 

@@ -1,0 +1,134 @@
+"""The training step users run, and the nonlocal stage inside it against its own op calls.
+
+    pytest benchmarks/test_training_bench.py --benchmark-only
+
+Groups: one SGD step of a PreResNet-20 at batch 128 on random 32x32 images (forward,
+cross-entropy, backward, step) for the baseline and three nonlocal presets, in float32
+(contiguous and channels-last) and under bf16 autocast with channels-last; and
+`NonlocalStage(32, num_blocks=3)` at B=128 on 16x16 maps (stage 2 of a PreResNet-20)
+forward+backward against the same three `fastnl.nonlocal_attend` calls (shared
+statistics) on ready-made (B, N, C') operands, which is what the module adds its
+embeddings, BatchNorm and residuals around. The section after the tables prints the
+ratios against the training-speed bars.
+"""
+import contextlib
+
+import pytest
+import summary
+import torch
+import torch.nn.functional as F
+
+import fastnl
+from fastnl.models import build_model
+
+BATCH = 128
+PRESETS = ["baseline", "original-3", "proposed-3", "proposed-6"]
+# name -> (memory format, autocast dtype or None)
+SETTINGS = {
+    "float32": (torch.contiguous_format, None),
+    "float32 channels_last": (torch.channels_last, None),
+    "bf16 channels_last": (torch.channels_last, torch.bfloat16),
+}
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _training_step(preset, memory_format, dtype):
+    torch.manual_seed(0)
+    model = build_model("preresnet20", placement=preset).to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    images = torch.randn(BATCH, 3, 32, 32).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 10, (BATCH,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(dtype):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _group(setting):
+    return f"training step preresnet20 B{BATCH} {setting}"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_training_step(benchmark, record, setting, preset):
+    benchmark.group = _group(setting)
+    step = _training_step(preset, *SETTINGS[setting])
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2)
+    record(benchmark, preset)
+
+
+STAGE_CHANNELS, STAGE_BLOCKS, STAGE_SIDE = 32, 3, 16
+
+
+def _stage_step(dtype):
+    stage = fastnl.NonlocalStage(STAGE_CHANNELS, num_blocks=STAGE_BLOCKS)
+    x = torch.randn(BATCH, STAGE_CHANNELS, STAGE_SIDE, STAGE_SIDE).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)  # dense, as in training (a sum's expanded gradient takes slow paths)
+
+    def step():
+        with _autocast(dtype):
+            out = stage(x)
+        out.backward(grad.to(out.dtype))
+
+    return step
+
+
+def _op_calls_step(dtype):
+    """The stage's nonlocal sums alone: one affinity, K values, statistics shared."""
+    positions, width = STAGE_SIDE * STAGE_SIDE, STAGE_CHANNELS // 2
+    operand_dtype = dtype or torch.float32
+    query, key = (torch.randn(BATCH, positions, width, dtype=operand_dtype, requires_grad=True) for _ in range(2))
+    values = [torch.randn(BATCH, positions, width, dtype=operand_dtype, requires_grad=True)
+              for _ in range(STAGE_BLOCKS)]
+    grads = [torch.randn_like(value) for value in values]
+
+    def step():
+        log_normalizer, outs = None, []
+        for value in values:
+            out, log_normalizer = fastnl.nonlocal_attend(query, key, value, value, log_normalizer=log_normalizer)
+            outs.append(out)
+        torch.autograd.backward(outs, grads)
+
+    return step
+
+
+@pytest.mark.parametrize("implementation", ["stage", "op calls"])
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_stage_against_its_op_calls(benchmark, record, precision, implementation):
+    benchmark.group = (f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} "
+                       f"{STAGE_SIDE}x{STAGE_SIDE} {precision}")
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    step = _stage_step(dtype) if implementation == "stage" else _op_calls_step(dtype)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=3)
+    record(benchmark, implementation)
+
+
+@summary.section("fastnl training speed: the issue's bars (medians from the groups above)")
+def _bars():
+    stage = f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} {STAGE_SIDE}x{STAGE_SIDE}"
+    bars = [
+        ("proposed-3 / baseline step, float32", summary.ratio(_group("float32"), "proposed-3", "baseline"), None),
+        ("proposed-3 / baseline step, float32 channels_last",
+         summary.ratio(_group("float32 channels_last"), "proposed-3", "baseline"), 1.15),
+        ("proposed-3 / baseline step, bf16 channels_last",
+         summary.ratio(_group("bf16 channels_last"), "proposed-3", "baseline"), 1.25),
+        ("stage / its op calls, float32", summary.ratio(f"{stage} float32", "stage", "op calls"), 1.5),
+        ("stage / its op calls, bf16", summary.ratio(f"{stage} bf16", "stage", "op calls"), 1.5),
+    ]
+    lines = [f"{'ratio (lower is better)':<52}{'measured':>10}{'at most':>9}"]
+    lines += [f"{name:<52}{value:>10.2f}{'-' if bar is None else f'{bar:.2f}':>9}"
+              for name, value, bar in bars if value is not None]
+    for setting in SETTINGS:
+        baseline = summary.median(_group(setting), "baseline")
+        if baseline is not None:
+            lines.append(f"baseline {setting}: {BATCH / baseline:.0f} images/s")
+    return lines

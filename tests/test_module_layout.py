@@ -1,0 +1,93 @@
+"""The modules' layout: position rows inside, the caller's memory format outside, and no
+copies a caller did not ask for (fastnl/modules.py, "Layout")."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastnl
+from fastnl.models import build_model
+from fastnl.modules import MODES
+
+FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+class Copies(TorchDispatchMode):
+    """The shapes of every tensor copy dispatched below autograd (forward and backward)."""
+
+    COPIES = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.COPIES:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def randomized(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    return module
+
+
+def channels_last(x):
+    return x.to(memory_format=FORMATS[x.dim()]) if x.dim() in FORMATS else x
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("sub_sample", [False, True])
+@pytest.mark.parametrize("spatial", [(6, 5), (3, 4, 4)], ids=["2d", "3d"])
+def test_each_memory_format_gives_the_same_result_in_that_format(mode, sub_sample, spatial):
+    dimension = len(spatial)
+    stage = randomized(fastnl.NonlocalStage(8, num_blocks=2, mode=mode, sub_sample=sub_sample,
+                                            dimension=dimension)).double()
+    x = torch.randn(2, 8, *spatial, dtype=torch.float64)
+    x_last = channels_last(x).requires_grad_()
+    x = x.requires_grad_()
+    out, out_last = stage(x), stage(x_last)
+    assert out.is_contiguous()
+    assert out_last.is_contiguous(memory_format=FORMATS[x.dim()])
+    torch.testing.assert_close(out_last, out, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, grad)
+    (actual,) = torch.autograd.grad(out_last, x_last, grad)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("module", ["block", "stage"])
+def test_channels_last_is_served_without_layout_copies(module):
+    """The only copies are the query and key halves of the one theta/phi projection."""
+    layer = fastnl.NonlocalBlock(16) if module == "block" else fastnl.NonlocalStage(16, num_blocks=3)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    with Copies() as seen:
+        layer(x).sum().backward()
+    assert seen.shapes == [(2, 64, 8), (2, 64, 8)]
+
+
+def test_a_contiguous_input_is_copied_once_in_and_once_out():
+    stage = fastnl.NonlocalStage(16, num_blocks=3)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with Copies() as seen:
+        stage(x).sum().backward()
+    full = [shape for shape in seen.shapes if shape in {(2, 64, 16), (2, 16, 8, 8)}]
+    # forward: into rows, out of rows; backward: the gradient into rows, and out into x's layout
+    assert len(full) == 4, seen.shapes
+
+
+def test_a_checkpoint_does_not_depend_on_the_layout_it_was_trained_in():
+    torch.manual_seed(0)
+    trained = build_model("preresnet20", placement="proposed-2").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    images = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    trained(images).logsumexp(1).sum().backward()
+    optimizer.step()
+    fresh = build_model("preresnet20", placement="proposed-2")
+    fresh.load_state_dict(trained.state_dict())
+    trained.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images.contiguous()), trained(images), rtol=1e-5, atol=1e-5)
