@@ -19,3 +19,18 @@ def test_table1(image_folder, tmp_path, capsys):
 
 def test_every_preset_has_a_paper_number():
     assert set(PAPER_TABLE1) == set(PRESETS)
+
+
+def test_the_report_is_the_runs_records_and_states_the_schedule(image_folder, tmp_path):
+    out = tmp_path / "t"
+    argv = ["table1", "--rows", "baseline,proposed-2", "--seeds", "0", "--out", str(out), "--data-dir",
+            str(image_folder), "--device", "cpu", "--epochs", "3", "--batch-size", "8", "--train-subset", "8"]
+    assert main(argv) == 0
+    table = (out / "table1.md").read_text()
+    assert "Every run: 3 epochs, batch 8, lr 0.1 x 0.1 after epochs 1, 2; float32, channels-last; on cpu" in table
+    for row in ("baseline", "proposed-2"):
+        assert (out / row / "seed-0" / "curves.png").stat().st_size > 0
+    (out / "table1.md").unlink()
+    (out / "table1.png").unlink()
+    assert main(["table1", "--rows", "baseline,proposed-2", "--seeds", "0", "--out", str(out), "--report-only"]) == 0
+    assert (out / "table1.md").read_text() == table and (out / "table1.png").stat().st_size > 0

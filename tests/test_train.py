@@ -102,3 +102,16 @@ def test_cpu_runs_default_to_channels_last_and_store_the_choice(image_folder, tm
     assert config.channels_last is (None if flag is None else expected)
     train(config)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["channels_last"] is expected
+
+
+def test_a_reduced_schedule_scales_the_milestones_and_a_resume_keeps_them(image_folder, tmp_path):
+    out = tmp_path / "run"
+    base = ["--data-dir", str(image_folder), "--out", str(out), "--device", "cpu", "--batch-size", "8",
+            "--train-subset", "16"]
+    assert main([*base, "--epochs", "20", "--max-steps", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["milestones"] == [10, 15] and len(config["run"]["code_version"]) >= 7
+    assert (out / "curves.png").stat().st_size > 0
+    # resumed for longer: the milestones stay those the run started with
+    assert main([*base, "--epochs", "40", "--max-steps", "2", "--resume"]) == 0
+    assert json.loads((out / "config.json").read_text())["milestones"] == [10, 15]

@@ -5,6 +5,11 @@ Networks, 2016): SGD, lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 164
 epochs, lr divided by 10 after epochs 81 and 122 (bearpaw/pytorch-classification's
 `--schedule 81 122`).
 
+`epochs` other than 164 (a reduced schedule) keeps the recipe's shape: unless
+`milestones` are given, the lr drops after the same fractions of the run, 81/164 and
+122/164 of `epochs` (rounded), decided when the run starts and stored with it, so a
+resumed run, a longer `--epochs` included, keeps them.
+
 `batch_size` is the global batch: under torchrun each of the K ranks takes
 batch_size / K of it, so the recipe (and lr) does not change with the number of ranks.
 """
@@ -27,7 +32,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
-    milestones: tuple = (81, 122)
+    milestones: tuple | None = None  # None: scaled_milestones(epochs) when the run starts
     gamma: float = 0.1
     seed: int = 0
     device: str | None = None
@@ -47,7 +52,7 @@ class TrainConfig:
 
     def to_dict(self):
         state = asdict(self)
-        state["milestones"] = list(self.milestones)
+        state["milestones"] = None if self.milestones is None else list(self.milestones)
         state["model"] = self.model_kwargs()
         return state
 
@@ -55,8 +60,16 @@ class TrainConfig:
     def from_dict(cls, state):
         names = {field.name for field in fields(cls)}
         config = cls(**{key: value for key, value in state.items() if key in names})
-        config.milestones = tuple(config.milestones)
+        config.milestones = None if config.milestones is None else tuple(config.milestones)
         return config
+
+
+RECIPE_EPOCHS, RECIPE_MILESTONES = 164, (81, 122)
+
+
+def scaled_milestones(epochs):
+    """The recipe's lr milestones at the same fractions of an `epochs`-long run."""
+    return tuple(max(1, round(milestone * epochs / RECIPE_EPOCHS)) for milestone in RECIPE_MILESTONES)
 
 
 # settings that may change when a run is resumed: where and how long it runs, not what

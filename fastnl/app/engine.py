@@ -17,11 +17,12 @@ import torch
 
 from fastnl import NonlocalBlock, NonlocalStage, backends
 from fastnl.app.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from fastnl.app.config import TrainConfig, resume_mismatches
+from fastnl.app.config import TrainConfig, resume_mismatches, scaled_milestones
+from fastnl.app.curves import plot_run
 from fastnl.app.data import load_dataset
 from fastnl.app.distributed import Ranks, convert_sync_batchnorm
 from fastnl.app.loops import evaluate, train_one_epoch
-from fastnl.app.runlog import epoch_line, write_json, write_logs
+from fastnl.app.runlog import code_version, epoch_line, write_json, write_logs
 from fastnl.models import build_model
 
 
@@ -85,10 +86,35 @@ def train(config):
         ranks.stop()
 
 
+def _resolved(config, saved, device):
+    """config with the defaults decided when a run starts filled in: the resumed
+    checkpoint's choices, else the recipe's milestones scaled to --epochs and the
+    channels-last layout on CPU. Stored so in config.json and the checkpoint."""
+    if config.milestones is None:
+        config = replace(config, milestones=saved.milestones if saved else scaled_milestones(config.epochs))
+    if config.channels_last is None:
+        config = replace(config, channels_last=saved.channels_last if saved else device.type == "cpu")
+    return config
+
+
 def _train(config, ranks, device):
-    if config.channels_last is None:  # the default, stored resolved in config.json
-        config = replace(config, channels_last=device.type == "cpu")
     out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.exists() and not config.resume:
+        raise FileExistsError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                              f"or choose another --out")
+    if config.resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}")
+    state = load_checkpoint(checkpoint_path, map_location=device) if config.resume else None
+    saved = TrainConfig.from_dict(state["config"]) if state else None
+    config = _resolved(config, saved, device)
+    if saved:
+        mismatches = resume_mismatches(saved, config)
+        if mismatches:
+            flags = ["--preset/--placement" if name == "placement" else f"--{name.replace('_', '-')}"
+                     for name in mismatches]
+            raise ValueError(f"--resume: {', '.join(flags)} differ from the checkpoint's settings; drop them "
+                             f"to continue the run as it was, or start a new --out")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_model(**config.model_kwargs())
@@ -102,20 +128,7 @@ def _train(config, ranks, device):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     epoch, step, history = 0, 0, []
-    checkpoint_path = out / CHECKPOINT
-    if checkpoint_path.exists() and not config.resume:
-        raise FileExistsError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it "
-                              f"or choose another --out")
-    if config.resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}")
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        mismatches = resume_mismatches(TrainConfig.from_dict(state["config"]), config)
-        if mismatches:
-            flags = ["--preset/--placement" if name == "placement" else f"--{name.replace('_', '-')}"
-                     for name in mismatches]
-            raise ValueError(f"--resume: {', '.join(flags)} differ from the checkpoint's settings; drop them "
-                             f"to continue the run as it was, or start a new --out")
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -125,7 +138,8 @@ def _train(config, ranks, device):
     train_images, train_labels, test_images, test_labels = _data(config, device, ranks)
     facts = {"device": str(device), "nonlocal_backend": _nonlocal_backend(model, config, device),
              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
-             "train_images": len(train_labels), "test_images": len(test_labels), "world_size": ranks.world_size}
+             "train_images": len(train_labels), "test_images": len(test_labels), "world_size": ranks.world_size,
+             "code_version": code_version()}
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**config.to_dict(), "run": facts})
@@ -156,6 +170,7 @@ def _train(config, ranks, device):
                 "config": config.to_dict(),
             })
             write_logs(out, history)
+            plot_run(history, out / "curves.png", f"{config.arch} {config.placement}, seed {config.seed}")
             print(epoch_line(history[-1]), file=sys.stderr)
     final = {**history[-1], "test_error": 100 * (1 - history[-1]["test_acc"]), **facts} if history else facts
     if ranks.is_main:

@@ -4,8 +4,10 @@ The per-epoch history lives in the checkpoint and both logs are rewritten from i
 after every epoch, so a resumed run's logs are exactly those of an uninterrupted one.
 """
 import csv
+import importlib.metadata
 import json
 import os
+import subprocess
 from pathlib import Path
 
 COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
@@ -30,6 +32,23 @@ def write_logs(out, history):
         writer.writerows(history)
     os.replace(temporary, out / "log.csv")
     write_json(out / "log.json", history)
+
+
+def code_version():
+    """The fastnl code that runs: its git commit ("-dirty" with uncommitted changes to
+    tracked files) when it runs from a checkout, else the installed version."""
+    root = Path(__file__).resolve().parents[2]  # above fastnl/app/runlog.py
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:
+            raise FileNotFoundError("fastnl is not the checkout's own package")
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        return git("rev-parse", "HEAD").strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return f"fastnl {importlib.metadata.version('fastnl')}"
 
 
 def epoch_line(row):

@@ -57,8 +57,9 @@ def parser():
     p.add_argument("--batch-size", type=int, default=default.batch_size,
                    help="the global batch: under torchrun each of K ranks takes batch-size / K, so lr "
                         "stays as it is; if you scale the global batch by k, scale --lr by k (Goyal et al.)")
-    p.add_argument("--milestones", type=_ints, default=default.milestones,
-                   help="comma-separated epochs after which lr is multiplied by --gamma")
+    p.add_argument("--milestones", type=_ints, default=None,
+                   help="comma-separated epochs after which lr is multiplied by --gamma; None: the recipe's "
+                        "81,122 of 164 epochs at the same fractions of --epochs (81,122 for 164, 10,15 for 20)")
     p.add_argument("--gamma", type=float, default=default.gamma)
     p.add_argument("--seed", type=int, default=default.seed)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1; None: cuda if available")

@@ -1,0 +1,65 @@
+"""Training curves, drawn with matplotlib's Agg backend from a run's per-epoch history.
+
+One run: train loss and test error per epoch, the lr drops marked (curves.png in its
+--out, redrawn after every epoch). Many runs: each run's test error per epoch, one
+panel per group of runs (reproduce's table figure).
+"""
+from fastnl.app._extras import require
+
+require("fastnl's training curves", "matplotlib")
+import matplotlib  # noqa: E402  (after the check above)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+def _epochs(history):
+    return [row["epoch"] for row in history]
+
+
+def _errors(history):
+    return [100 * (1 - row["test_acc"]) for row in history]
+
+
+def _mark_lr_drops(axes, history):
+    """Vertical lines after the epochs whose successor trains at a lower lr."""
+    for before, after in zip(history, history[1:]):
+        if after["lr"] < before["lr"]:
+            axes.axvline(before["epoch"] + 0.5, color="grey", linestyle=":", linewidth=1)
+
+
+def plot_run(history, path, title):
+    """curves.png of one run: train loss (left axis) and test error % (right axis)."""
+    figure, loss_axes = plt.subplots(figsize=(6.4, 4.0))
+    loss_axes.plot(_epochs(history), [row["train_loss"] for row in history], color="tab:blue", marker=".",
+                   label="train loss")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("train loss", color="tab:blue")
+    error_axes = loss_axes.twinx()
+    error_axes.plot(_epochs(history), _errors(history), color="tab:red", marker=".", label="test error %")
+    error_axes.set_ylabel("test error %", color="tab:red")
+    _mark_lr_drops(loss_axes, history)
+    loss_axes.set_title(f"{title} (dotted: lr drops)", fontsize=10)
+    loss_axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_runs(panels, path, suptitle):
+    """panels: {panel title: {run label: history}} -> one figure of test error % per epoch."""
+    figure, axes_row = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
+    for axes, (title, runs) in zip(axes_row[0], panels.items()):
+        for label, history in runs.items():
+            axes.plot(_epochs(history), _errors(history), marker=".", linewidth=1.2, label=label)
+        if runs:
+            _mark_lr_drops(axes, next(iter(runs.values())))
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("test error %")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(suptitle, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
