@@ -1,0 +1,88 @@
+"""insert_nonlocal: nonlocal blocks or stages in an existing network, after named submodules.
+
+Wang et al. put nonlocal blocks after residual blocks of an ImageNet or video ResNet
+(5 blocks: every other residual block of res3 and res4; 10 blocks: every one); this
+does that for any `nn.Module` whose submodules have names, without touching the
+network's own code or its state_dict keys.
+"""
+import torch
+from torch import nn
+
+from fastnl.modules import NonlocalBlock, NonlocalStage
+
+NAME = "nonlocal_module"  # the inserted module's name under its place
+_INFERRED = ("in_channels", "dimension")
+
+
+def _run_inserted(module, args, output):
+    """Forward hook of a place that is not a Sequential: its output through the new module."""
+    return getattr(module, NAME)(output)
+
+
+def _output_shapes(model, places, example_input):
+    """{place: output shape} from one forward of `example_input` (eval mode, no grad)."""
+    shapes, handles = {}, []
+    for place, module in places.items():
+        def record(module, args, output, place=place):
+            shapes[place] = output.shape if isinstance(output, torch.Tensor) else type(output).__name__
+        handles.append(module.register_forward_hook(record))
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def insert_nonlocal(model, places, example_input, *, num_blocks=None, **options):
+    """Apply a new nonlocal module to the output of each submodule named in `places`.
+
+    places: dotted names as in `model.named_modules()` (e.g. "layer2.1" for the second
+    bottleneck of a torchvision ResNet's layer2); each gets its own module, right after
+    it, on its output (B, C, *S). C and the dimension (1-3 spatial axes) are read from
+    one forward of `example_input` (in eval mode, without gradients). `num_blocks` None
+    inserts a `NonlocalBlock` (Wang et al.), an int K a `NonlocalStage` of K blocks (Tao
+    et al.); `options` are their other arguments (mode, inter_channels, sub_sample,
+    bn_layer, use_scale, backend). New modules are the identity, so the network computes
+    exactly what it did. The module is registered as `{place}.nonlocal_module`
+    (state_dict keys `{place}.nonlocal_module.*`, the network's own keys unchanged); a
+    Sequential place runs it as its last child, any other place through a forward hook.
+    Returns `model`, changed in place.
+    """
+    places = list(places)
+    given = [name for name in _INFERRED if name in options]
+    if given:
+        raise TypeError(f"insert_nonlocal infers {', '.join(given)} from each place's output; do not pass them")
+    if len(set(places)) != len(places):
+        raise ValueError(f"places name a submodule twice: {places}")
+    modules = dict(model.named_modules())
+    found = {}
+    for place in places:
+        if not place or place not in modules:
+            nearby = [name for name in modules if name and name.count(".") <= 1][:12]
+            raise ValueError(f"no submodule {place!r} in {type(model).__name__}; places are named as in "
+                             f"model.named_modules(), e.g. {', '.join(nearby)}")
+        module = modules[place]
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            raise ValueError(f"{place!r} is a {type(module).__name__}, which has no output; name one of its items")
+        if hasattr(module, NAME):
+            raise ValueError(f"{place!r} already has a nonlocal module ({place}.{NAME})")
+        found[place] = module
+    shapes = _output_shapes(model, found, example_input)
+    for place, module in found.items():
+        shape = shapes.get(place)
+        if shape is None:
+            raise ValueError(f"{place!r} did not run in the forward of example_input, so its output is unknown")
+        if not isinstance(shape, torch.Size) or not 3 <= len(shape) <= 5:
+            raise ValueError(f"{place!r} outputs {shape if isinstance(shape, str) else tuple(shape)}; a nonlocal "
+                             f"module needs a (B, C, *S) tensor with 1 to 3 spatial axes")
+        kwargs = dict(options, in_channels=shape[1], dimension=len(shape) - 2)
+        inserted = NonlocalBlock(**kwargs) if num_blocks is None else NonlocalStage(num_blocks=num_blocks, **kwargs)
+        module.add_module(NAME, inserted.to(next(module.parameters(), example_input)))
+        if not isinstance(module, nn.Sequential):
+            module.register_forward_hook(_run_inserted)
+    return model

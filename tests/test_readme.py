@@ -1,0 +1,22 @@
+"""The README's "Using fastnl in your own model" examples run as written."""
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _examples():
+    section = README.read_text().split("## Using fastnl in your own model", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_section_has_one_example_per_family():
+    assert len(_examples()) == 2
+
+
+@pytest.mark.parametrize("index", range(2), ids=["image", "video"])
+def test_example_runs(index):
+    pytest.importorskip("torchvision")
+    exec(compile(_examples()[index], f"README example {index}", "exec"), {})
