@@ -1,6 +1,7 @@
 """What is particular to the cpp backend (csrc/cpu): determinism across thread counts,
-strides, the denormal mode, its operators' own checks, and the build fallback. Its
-comparison with the reference, tile edges included, is tests/test_backends.py's.
+strides, the denormal mode, its operators' own checks, the build fallback, and the
+native bfloat16 softmax (AVX512-BF16) with its float32 fallback. Its comparison with
+the reference, tile edges included, is tests/test_backends.py's.
 
 The first run compiles the kernels (torch's extension cache keeps them).
 """
@@ -8,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from harness import backend_results, make_inputs
+from harness import NAMES, assert_matches_reference, backend_results, make_inputs
 
 import fastnl
 from fastnl import affinities, backends, reference
@@ -105,3 +106,143 @@ def test_failed_build_falls_back_to_torch_with_one_warning(broken_build):
     torch.testing.assert_close(out, reference.aggregate(query, key, value))
     with pytest.raises(RuntimeError, match="backend 'cpp' is not available on cpu: building the C[+][+]"):
         fastnl.nonlocal_aggregate(query, key, value, backend="cpp")
+
+
+# --- bfloat16 -------------------------------------------------------------------------
+
+
+def native_only(test):
+    """`test` with the native kernels chosen (FASTNL_CPP_BFLOAT16=native); skipped where none are built."""
+    skip = pytest.mark.skipif(not cpp._bfloat16_kernels(), reason=f"no native bfloat16 here: {cpp.bfloat16_path()}")
+    return skip(pytest.mark.usefixtures("native_bfloat16")(test))
+
+
+# The paper's three stages at reduced B: (B, N, M, D, E)
+MODEL_SHAPES = [(2, 1024, 1024, 8, 8), (4, 256, 256, 16, 16), (8, 64, 64, 32, 32)]
+# max |error vs the float64 truth| / max |truth| allowed in bf16 (softmax diffuse, scale 1),
+# about twice the worst measured at MODEL_SHAPES: one rounding of the result is 2^-9 = 2e-3
+# of its largest entries; the gradients sum products of rounded P and dS (fastnl.reference
+# in bf16 errs 1e-2 to 2e-2 on them). grad_center = -grad_out is exact (the truth's own
+# float64 row sums err 1e-15).
+BFLOAT16_TOLERANCE = {"out": 5e-3, "grad_query": 1.5e-2, "grad_key": 1.5e-2, "grad_value": 6e-3, "grad_center": 1e-12}
+
+
+@pytest.fixture
+def native_bfloat16(monkeypatch):
+    """The native kernels chosen, as FASTNL_CPP_BFLOAT16=native does."""
+    monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
+
+
+@pytest.fixture
+def float32_bfloat16(monkeypatch):
+    """The fallback: the CPU without AVX512-BF16, as far as the backend can tell."""
+    monkeypatch.setattr(cpp, "_bfloat16_kernels", lambda: False)
+
+
+def test_bfloat16_path_follows_the_cpu_and_the_choice(monkeypatch):
+    """float32 by default; native when chosen where the CPU has AVX512-BF16 under an
+    AVX512 build; else float32 with the reason."""
+    if cpp._bfloat16_unbuildable() is None:
+        assert torch.ops.fastnl_cpp.bfloat16_native()
+        default = f"float32 (the default; {cpp.BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels)"
+        assert cpp.bfloat16_path() == default
+        monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
+        assert cpp.bfloat16_path() == "avx512-bf16"
+    else:
+        assert cpp.bfloat16_path() == f"float32 ({cpp._bfloat16_unbuildable()})"
+    monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "fast")
+    with pytest.raises(ValueError, match="FASTNL_CPP_BFLOAT16 must be 'float32' or 'native'"):
+        cpp.bfloat16_path()
+
+
+@native_only
+@pytest.mark.parametrize("shape", MODEL_SHAPES, ids=str)
+def test_bfloat16_model_shapes_per_output(shape):
+    inputs = make_inputs(shape, torch.bfloat16)
+    results = backend_results("softmax", "diffuse", "cpp", *inputs, 1.0)
+    truth = backend_results("softmax", "diffuse", "reference", *inputs, 1.0, dtype=torch.float64)
+    for name, actual, exact in zip(NAMES, results, truth):
+        assert actual.dtype == torch.bfloat16, name
+        error = (actual.double() - exact).abs().max().item() / exact.abs().max().item()
+        assert error <= BFLOAT16_TOLERANCE[name], f"{name}: relative error {error:.2e}"
+    assert_matches_reference(results, "softmax", "diffuse", *inputs, 1.0)  # and the harness's rule
+
+
+@native_only
+@pytest.mark.parametrize("shape", [(2, 129, 67, 16, 16), (2, 33, 41, 7, 5), (1, 97, 301, 32, 24)], ids=str)
+def test_bfloat16_odd_sizes(shape):
+    """N, M off the tiles and odd; odd D and E leave a contraction's last pair half empty."""
+    inputs = make_inputs(shape, torch.bfloat16)
+    assert_matches_reference(backend_results("softmax", "diffuse", "cpp", *inputs, 0.7), "softmax", "diffuse",
+                             *inputs, 0.7)
+
+
+@native_only
+def test_bfloat16_stage_path():
+    """A stage's later blocks: the log_normalizer (float32) of the first call given back."""
+    query, key, value, center, grad_out = make_inputs((2, 150, 260, 16, 16), torch.bfloat16)
+    _, log_normalizer = fastnl.nonlocal_attend(query, key, value, center, backend="cpp")
+    assert log_normalizer.dtype == torch.float32
+    truth = torch.logsumexp(query.double() @ key.double().transpose(1, 2), dim=-1)
+    torch.testing.assert_close(log_normalizer.double(), truth, rtol=0, atol=1e-5)
+    results = backend_results("softmax", "aggregate", "cpp", query, key, value, None, grad_out, 1.0,
+                              log_normalizer=log_normalizer)
+    assert_matches_reference(results, "softmax", "aggregate", query, key, value, None, grad_out, 1.0)
+    results = backend_results("softmax", "diffuse", "cpp", query, key, value, center, grad_out, 1.0,
+                              log_normalizer=log_normalizer)
+    assert_matches_reference(results, "softmax", "diffuse", query, key, value, center, grad_out, 1.0)
+
+
+@native_only
+def test_bfloat16_one_and_two_threads_agree_bitwise():
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for shape in [(1, 700, 650, 8, 16), (3, 130, 300, 16, 48)]:
+                results.append(forward_backward(make_inputs(shape, torch.bfloat16), "softmax"))
+    finally:
+        torch.set_num_threads(threads)
+    for one_thread, two_threads in zip(results[:2], results[2:]):
+        for a, b in zip(one_thread, two_threads):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_bfloat16_fallback_computes_in_float32(float32_bfloat16):
+    """Without AVX512-BF16: the float32 kernels on the converted operands, each result rounded once."""
+    assert cpp.bfloat16_path().startswith("float32 (")
+    query, key, value, center, grad_out = make_inputs((2, 100, 77, 8, 16), torch.bfloat16)
+    operands = [t.float() for t in (query, key, value, center)]
+    out, log_normalizer = cpp.softmax_forward(query, key, value, center, None, 0.5)
+    out_float32, log_normalizer_float32 = torch.ops.fastnl_cpp.softmax_forward(*operands, None, 0.5)
+    assert torch.equal(out, out_float32.bfloat16()) and torch.equal(log_normalizer, log_normalizer_float32)
+    grads = cpp.softmax_backward(grad_out, query, key, value, center, out, log_normalizer, 0.5)
+    grads_float32 = torch.ops.fastnl_cpp.softmax_backward(grad_out.float(), *operands, out.float(), log_normalizer,
+                                                          0.5)
+    for got, expected in zip(grads, grads_float32):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected.bfloat16())
+    inputs = (query, key, value, center, grad_out)
+    assert_matches_reference(forward_backward(inputs, "softmax"), "softmax", "diffuse", *inputs, 0.5)
+
+
+@native_only
+def test_bfloat16_native_is_not_the_float32_path(monkeypatch):
+    """The native path rounds P and dS to bf16 as operands: its results differ from the
+    float32 computation's, and both meet the tolerance."""
+    inputs = make_inputs((2, 100, 77, 8, 16), torch.bfloat16)
+    native = forward_backward(inputs, "softmax")
+    monkeypatch.setattr(cpp, "_bfloat16_native", lambda: False)
+    converted = forward_backward(inputs, "softmax")
+    assert not all(torch.equal(a, b) for a, b in zip(native, converted))
+    for results in (native, converted):
+        assert_matches_reference(results, "softmax", "diffuse", *inputs, 0.5)
+
+
+@native_only
+def test_bfloat16_operator_checks():
+    query, key, value, _, _ = make_inputs((2, 5, 6, 8, 4), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="log_normalizer must have dtype Float"):
+        torch.ops.fastnl_cpp.softmax_forward(query, key, value, None, torch.zeros(2, 5, dtype=torch.bfloat16), 1.0)
+    with pytest.raises(RuntimeError, match="query must be float32, float64 or bfloat16"):
+        torch.ops.fastnl_cpp.softmax_forward(query.half(), key.half(), value.half(), None, None, 1.0)

@@ -1,6 +1,7 @@
 // The fastnl_cpp operators (registered in register.cpp) and the checks every entry
 // runs first. Shapes as in fastnl/backends/__init__.py: query (B, N, D), key (B, M, D),
-// value (B, M, E), center (B, N, E) or none; float32 or float64, on the CPU.
+// value (B, M, E), center (B, N, E) or none; float32 or float64, on the CPU, and
+// bfloat16 for the softmax operators where built with AVX512-BF16 (bfloat16_native).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,9 +29,18 @@ std::tuple<Tensor, Tensor> concat_forward(const Tensor& query, const Tensor& key
 std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                    const Tensor& value, const OptionalTensor& center, double scale);
 
-// Shapes, dtype, device and contiguity of the operands; errors name the argument.
-void check_operands(const Tensor& query, const Tensor& key, const Tensor& value, const OptionalTensor& center);
+// Whether the softmax operators take bfloat16 here: built with FASTNL_AVX512_BF16
+// (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the
+// instructions), and the CPU running the library has them (cpuid).
+bool bfloat16_native();
+
+// Shapes, dtype, device and contiguity of the operands (bfloat16 among the dtypes when
+// `bfloat16` is true); errors name the argument.
+void check_operands(const Tensor& query, const Tensor& key, const Tensor& value, const OptionalTensor& center,
+                    bool bfloat16 = false);
 // A (B, N, E) per-query tensor (grad_out, out) or a (B, N) row statistic.
 void check_like(const char* name, const Tensor& tensor, at::IntArrayRef shape, at::ScalarType dtype);
+// The dtype of the accumulators and row statistics (log_normalizer): float64 stays, else float32.
+inline at::ScalarType accumulate_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace fastnl

@@ -14,13 +14,27 @@ void check_like(const char* name, const Tensor& tensor, at::IntArrayRef shape, a
   TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous");
 }
 
-void check_operands(const Tensor& query, const Tensor& key, const Tensor& value, const OptionalTensor& center) {
+bool bfloat16_native() {
+#if defined(FASTNL_AVX512_BF16)
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+void check_operands(const Tensor& query, const Tensor& key, const Tensor& value, const OptionalTensor& center,
+                    bool bfloat16) {
   TORCH_CHECK(query.dim() == 3, "query must be (B, N, D), got shape ", query.sizes());
   TORCH_CHECK(key.dim() == 3, "key must be (B, M, D), got shape ", key.sizes());
   TORCH_CHECK(value.dim() == 3, "value must be (B, M, E), got shape ", value.sizes());
   const auto dtype = query.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "query must be float32 or float64 (convert half precision first), got ", dtype);
+  if (bfloat16) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+                "query must be float32, float64 or bfloat16 (convert float16 first), got ", dtype);
+  } else {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+                "query must be float32 or float64 (convert half precision first), got ", dtype);
+  }
   const int64_t batch = query.size(0), num_queries = query.size(1), width = query.size(2);
   const int64_t num_keys = key.size(1);
   TORCH_CHECK(num_keys > 0, "key must have at least one position (M > 0)");
@@ -33,6 +47,7 @@ void check_operands(const Tensor& query, const Tensor& key, const Tensor& value,
 }  // namespace fastnl
 
 TORCH_LIBRARY(fastnl_cpp, m) {
+  m.def("bfloat16_native() -> bool", &fastnl::bfloat16_native);  // no tensors: one kernel for every device
   m.def(
       "softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
       "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");

@@ -13,6 +13,9 @@
 // (B, groups, D + E, M) buffer, summed afterwards in group order. The grouping
 // depends on the shape only, so results are bitwise identical for any thread count.
 // Every work item runs with denormals flushed to zero (tile_math.h, FlushDenormals).
+// The operands are float32, float64 or, built with AVX512-BF16, bfloat16: tile_math.h's
+// Product says how the products read them; logits, P, dS, statistics and accumulators
+// are then float32, P and dS rounded to bf16 only as the next product's operand.
 #include "ops.h"
 #include "tile_math.h"
 
@@ -57,18 +60,29 @@ void mask_padding(T* logits, int64_t rows, int64_t keys, int64_t columns) {
     std::fill(logits + r * columns + keys, logits + (r + 1) * columns, -std::numeric_limits<T>::infinity());
 }
 
+// A logit vector as the softmax sees it: scaled here when the operands left it out.
+template <bool SCALE, typename A>
+inline Vec<A> load_logits(const A* at, const Vec<A>& scale) {
+  if constexpr (SCALE) {
+    return Vec<A>::loadu(at) * scale;
+  } else {
+    return Vec<A>::loadu(at);
+  }
+}
+
 // Online softmax over one logits^T tile (keys rows, Q columns): new column maxima, the
 // correction factors of what was accumulated under the old ones, probabilities in
 // place of the logits, running sums. NaN may be skipped by the maxima (clamp_min is a
 // plain max): fast_exp carries it into the sums, so a NaN logit makes its query NaN.
-template <typename T>
-void online_softmax_columns(T* logits, int64_t keys, T* column_max, T* correction, T* column_sum) {
+template <bool SCALE, typename T>
+void online_softmax_columns(T* logits, int64_t keys, T scale, T* column_max, T* correction, T* column_sum) {
   constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
+  const Vec<T> factor(scale);
   Vec<T> new_max[V], tile_sum[V];
   for (int v = 0; v < V; ++v) new_max[v] = Vec<T>::loadu(column_max + v * L);
   for (int64_t j = 0; j < keys; ++j)
     for (int v = 0; v < V; ++v)
-      new_max[v] = at::vec::clamp_min(new_max[v], Vec<T>::loadu(logits + j * kForwardQueryTile + v * L));
+      new_max[v] = at::vec::clamp_min(new_max[v], load_logits<SCALE>(logits + j * kForwardQueryTile + v * L, factor));
   for (int v = 0; v < V; ++v) {
     fast_exp(Vec<T>::loadu(column_max + v * L) - new_max[v]).store(correction + v * L);
     new_max[v].store(column_max + v * L);
@@ -79,7 +93,7 @@ void online_softmax_columns(T* logits, int64_t keys, T* column_max, T* correctio
   for (int64_t j = 0; j < keys; ++j)
     for (int v = 0; v < V; ++v) {
       T* at = logits + j * kForwardQueryTile + v * L;
-      const Vec<T> p = fast_exp(Vec<T>::loadu(at) - new_max[v]);
+      const Vec<T> p = fast_exp(load_logits<SCALE>(at, factor) - new_max[v]);
       p.store(at);
       tile_sum[v] = tile_sum[v] + p;
     }
@@ -90,110 +104,167 @@ void online_softmax_columns(T* logits, int64_t keys, T* column_max, T* correctio
 }
 
 // p = exp(logit - log_normalizer) over a logits^T tile, the columns' log-normalizers known.
-template <typename T>
-void known_softmax_columns(T* logits, int64_t keys, const T* column_log_normalizer) {
+template <bool SCALE, typename T>
+void known_softmax_columns(T* logits, int64_t keys, T scale, const T* column_log_normalizer) {
   constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
+  const Vec<T> factor(scale);
   Vec<T> shift[V];
   for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_log_normalizer + v * L);
   for (int64_t j = 0; j < keys; ++j)
     for (int v = 0; v < V; ++v) {
       T* at = logits + j * kForwardQueryTile + v * L;
-      fast_exp(Vec<T>::loadu(at) - shift[v]).store(at);
+      fast_exp(load_logits<SCALE>(at, factor) - shift[v]).store(at);
     }
 }
 
+// Float results (rows, width; probabilities, dS) as the operand of a product contracted
+// over their rows: themselves where the products read floats, else packed into `packed`.
+template <typename T>
+const T* row_operand(const Acc<T>* values, int64_t rows, int64_t width, Buffer<T>& packed) {
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    return values;
+  } else {
+    Product<T>::pack_row_pairs(values, rows, width, width, packed.data());
+    return packed.data();
+  }
+}
+
+// Float results (dS for dQ) as the operand of a product contracted along each row:
+// themselves where the products read floats, else rounded in the same layout.
+template <typename T>
+const T* rounded_operand(const Acc<T>* values, int64_t count, Buffer<T>& rounded) {
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    return values;
+  } else {
+    Product<T>::round(values, count, rounded.data());
+    return rounded.data();
+  }
+}
+
 // known: log_normalizer holds the rows' log-sum-exp (one pass); else it receives it.
-template <typename T, int DEPTH>
+// T is the operands' type, A = Acc<T> that of the logits, sums, statistics (Product).
+template <typename T, int DEPTH, typename A = Acc<T>>
 void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center, T* out,
-                    T* log_normalizer, bool known, T scale) {
-  constexpr int64_t L = Vec<T>::size(), Q = kForwardQueryTile;
+                    A* log_normalizer, bool known, A scale) {
+  constexpr int64_t L = Vec<A>::size(), Q = kForwardQueryTile, G = Product<T>::kGroup;
+  constexpr bool kScale = Product<T>::kScalesLogits;
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
-  const int64_t query_tiles = (N + Q - 1) / Q;
+  const int64_t query_tiles = (N + Q - 1) / Q, key_tile = std::min(kForwardKeyTile, M);
+  // p v contracts over the keys: V's rows in groups (a copy in pairs, once, for bf16)
+  const int64_t value_rows = round_up(M, G);
+  Buffer<T> value_groups(G > 1 ? s.batch * value_rows * E : 0);
+  if (G > 1)
+    at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        pack_rows(value + b * M * E, M, E, value_groups.data() + b * value_rows * E, E);
+    });
+  const T* value_operand = G > 1 ? value_groups.data() : value;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<T> query_t(D * Q), logits(std::min(kForwardKeyTile, M) * Q), acc(E * Q);
-    Buffer<T> column_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q);
+    Buffer<T> query_t(round_up(D, G) * Q), probs(G > 1 ? round_up(key_tile, G) * Q : 0);
+    Buffer<A> logits(key_tile * Q), acc(E * Q);
+    Buffer<A> column_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / query_tiles, q0 = (item % query_tiles) * Q;
       const int64_t rows = std::min(Q, N - q0);
       pack_transposed(query + (b * N + q0) * D, rows, D, query_t.data(), Q);  // columns rows..Q zero
-      for (auto& x : query_t) x *= scale;
-      std::fill(acc.begin(), acc.end(), T(0));
-      std::fill(column_max.begin(), column_max.end(), -std::numeric_limits<T>::infinity());
-      std::fill(column_sum.begin(), column_sum.end(), T(0));
+      if constexpr (!kScale)
+        for (auto& x : query_t) x *= scale;
+      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(column_max.begin(), column_max.end(), -std::numeric_limits<A>::infinity());
+      std::fill(column_sum.begin(), column_sum.end(), A(0));
       if (known) {
-        std::fill(column_log_normalizer.begin(), column_log_normalizer.end(), T(0));
+        std::fill(column_log_normalizer.begin(), column_log_normalizer.end(), A(0));
         std::copy(log_normalizer + b * N + q0, log_normalizer + b * N + q0 + rows, column_log_normalizer.begin());
       }
       for (int64_t k0 = 0; k0 < M; k0 += kForwardKeyTile) {
         const int64_t keys = std::min(kForwardKeyTile, M - k0);
-        matmul_tile<T, DEPTH>(keys, Q, D, key + (b * M + k0) * D, D, 1, query_t.data(), Q, logits.data(), Q, false);
+        matmul_tile<T, DEPTH>(keys, Q, D, key + (b * M + k0) * D, D, G, query_t.data(), Q, logits.data(), Q, false);
         if (known) {
-          known_softmax_columns(logits.data(), keys, column_log_normalizer.data());
+          known_softmax_columns<kScale>(logits.data(), keys, scale, column_log_normalizer.data());
         } else {
-          online_softmax_columns(logits.data(), keys, column_max.data(), correction.data(), column_sum.data());
+          online_softmax_columns<kScale>(logits.data(), keys, scale, column_max.data(), correction.data(),
+                                         column_sum.data());
           // running maxima changed: rescale what was accumulated under the old ones
           for (int64_t e = 0; e < E; ++e)
             for (int64_t c = 0; c < Q; c += L) {
-              T* at = acc.data() + e * Q + c;
-              (Vec<T>::loadu(at) * Vec<T>::loadu(correction.data() + c)).store(at);
+              A* at = acc.data() + e * Q + c;
+              (Vec<A>::loadu(at) * Vec<A>::loadu(correction.data() + c)).store(at);
             }
         }
-        matmul_tile<T>(E, Q, keys, value + (b * M + k0) * E, 1, E, logits.data(), Q, acc.data(), Q, true);
+        matmul_tile<T>(E, Q, keys, value_operand + (b * value_rows + k0) * E, G, G * E,
+                       row_operand(logits.data(), keys, Q, probs), Q, acc.data(), Q, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
-        const T inverse = known ? T(1) : T(1) / column_sum[r];
-        for (int64_t e = 0; e < E; ++e) out[i * E + e] = acc[e * Q + r] * inverse - (center ? center[i * E + e] : T(0));
+        const A inverse = known ? A(1) : A(1) / column_sum[r];
+        for (int64_t e = 0; e < E; ++e)
+          out[i * E + e] = T(acc[e * Q + r] * inverse - (center ? A(center[i * E + e]) : A(0)));
         if (!known) log_normalizer[i] = column_max[r] + std::log(column_sum[r]);
       }
     }
   });
 }
 
-template <typename T, int DEPTH>
+template <typename T, int DEPTH, typename A = Acc<T>>
 void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T* key, const T* value, const T* center,
-                     const T* out, const T* log_normalizer, T* grad_query, T* grad_key, T* grad_value, T scale) {
+                     const T* out, const A* log_normalizer, T* grad_query, T* grad_key, T* grad_value, A scale) {
+  constexpr int64_t G = Product<T>::kGroup;
+  constexpr bool kScale = Product<T>::kScalesLogits;
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
-  const int64_t key_stride = row_stride<T>(M), padded_d = padded<T>(D);
-  const int64_t tile_columns = padded<T>(std::min(kBackwardKeyTile, M));
+  const int64_t key_stride = row_stride<A>(M), padded_d = padded<A>(D);
+  const int64_t tile_columns = padded<A>(std::min(kBackwardKeyTile, M));
   const int64_t query_tiles = (N + kBackwardQueryTile - 1) / kBackwardQueryTile;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / std::max<int64_t>(1, s.batch));
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
   const int64_t groups = std::max<int64_t>(1, (query_tiles + tiles_per_group - 1) / tiles_per_group);
   const int64_t group_rows = tiles_per_group * kBackwardQueryTile;
-  // dQ += dS K: for D = 8 in 16-lane vectors contracted along the keys (matmul_lanes_8)
-  constexpr bool kLaneGradQuery = DEPTH == 8 && Vec<T>::size() == 16;
+  // dQ += dS K: for D = 8 in 16-lane vectors of floats contracted along the keys (matmul_lanes_8)
+  constexpr bool kLaneGradQuery = DEPTH == 8 && G == 1 && Vec<A>::size() == 16;
   const int64_t grad_q_stride = kLaneGradQuery ? D : padded_d;
   // (B, groups, D + E, M padded): each group's dK^T and dV^T
-  Buffer<T> partial(s.batch * groups * (D + E) * key_stride);
+  Buffer<A> partial(s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<T> scaled_query(group_rows * D), delta(group_rows), grad_q(group_rows * grad_q_stride);
-    Buffer<T> key_t(D * tile_columns), value_t(E * tile_columns);
+    // the group's query rows as q.k reads them (scaled unless kScale), and the rows of
+    // Q and dO in groups for dK^T += Q^T dS, dV^T += dO^T P (themselves for floats)
+    Buffer<T> scaled_query(group_rows * D);
+    Buffer<T> query_groups(G > 1 ? group_rows * D : 0), grad_out_groups(G > 1 ? group_rows * E : 0);
+    Buffer<A> delta(group_rows), grad_q(group_rows * grad_q_stride);
+    Buffer<T> key_t(round_up(D, G) * tile_columns), value_t(round_up(E, G) * tile_columns);
     Buffer<T> key_rows(kLaneGradQuery ? 0 : tile_columns * padded_d);  // dQ's K rows, off the lane path
-    Buffer<T> probs(kBackwardQueryTile * tile_columns), grad_logits(kBackwardQueryTile * tile_columns);
+    Buffer<A> probs(kBackwardQueryTile * tile_columns), grad_logits(kBackwardQueryTile * tile_columns);
+    // bf16: P and dS in row pairs, and dS rounded in place of its rows for dQ
+    Buffer<T> probs_groups(G > 1 ? kBackwardQueryTile * tile_columns : 0);
+    Buffer<T> grad_logits_groups(probs_groups.size()), grad_logits_rounded(probs_groups.size());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, r0 = (item % groups) * group_rows;
       const int64_t rows_in_group = std::min(group_rows, N - r0);
       const int64_t first = b * N + r0;  // global index of the group's first row
-      for (int64_t i = 0; i < rows_in_group * D; ++i) scaled_query[i] = query[first * D + i] * scale;
+      for (int64_t i = 0; i < rows_in_group * D; ++i)
+        scaled_query[i] = kScale ? query[first * D + i] : T(query[first * D + i] * scale);
+      if constexpr (G > 1) {
+        pack_rows(scaled_query.data(), rows_in_group, D, query_groups.data(), D);
+        pack_rows(grad_out + first * E, rows_in_group, E, grad_out_groups.data(), E);
+      }
+      const T* query_operand = G > 1 ? query_groups.data() : scaled_query.data();
+      const T* grad_out_operand = G > 1 ? grad_out_groups.data() : grad_out + first * E;
       // delta_i = sum_j p_ij dp_ij = dO_i . aggregate_i (FlashAttention-2's preprocessing)
       for (int64_t r = 0; r < rows_in_group; ++r) {
-        T total = 0;
+        A total = 0;
         for (int64_t e = 0; e < E; ++e) {
           const int64_t at = (first + r) * E + e;
-          total += grad_out[at] * (out[at] + (center ? center[at] : T(0)));
+          total += A(grad_out[at]) * (A(out[at]) + (center ? A(center[at]) : A(0)));
         }
         delta[r] = total;
       }
-      std::fill(grad_q.begin(), grad_q.end(), T(0));
-      T* grad_key_t = partial.data() + item * (D + E) * key_stride;
-      T* grad_value_t = grad_key_t + D * key_stride;
+      std::fill(grad_q.begin(), grad_q.end(), A(0));
+      A* grad_key_t = partial.data() + item * (D + E) * key_stride;
+      A* grad_value_t = grad_key_t + D * key_stride;
       for (int64_t k0 = 0; k0 < M; k0 += kBackwardKeyTile) {
-        const int64_t keys = std::min(kBackwardKeyTile, M - k0), columns = padded<T>(keys);
+        const int64_t keys = std::min(kBackwardKeyTile, M - k0), columns = padded<A>(keys);
         pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), columns);
         pack_transposed(value + (b * M + k0) * E, keys, E, value_t.data(), columns);
         if (!kLaneGradQuery) pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), padded_d);
@@ -201,38 +272,42 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           const int64_t rows = std::min(kBackwardQueryTile, rows_in_group - q0);
           const T* query_tile = scaled_query.data() + q0 * D;
           const T* grad_out_tile = grad_out + (first + q0) * E;
-          matmul_tile<T, DEPTH>(rows, columns, D, query_tile, D, 1, key_t.data(), columns, probs.data(), columns,
+          matmul_tile<T, DEPTH>(rows, columns, D, query_tile, D, G, key_t.data(), columns, probs.data(), columns,
                                 false);
           mask_padding(probs.data(), rows, keys, columns);
-          matmul_tile<T>(rows, columns, E, grad_out_tile, E, 1, value_t.data(), columns, grad_logits.data(), columns,
+          matmul_tile<T>(rows, columns, E, grad_out_tile, E, G, value_t.data(), columns, grad_logits.data(), columns,
                          false);
+          const Vec<A> factor(scale);
           for (int64_t r = 0; r < rows; ++r) {
-            T* p_row = probs.data() + r * columns;
-            T* ds_row = grad_logits.data() + r * columns;
-            const Vec<T> shift(log_normalizer[first + q0 + r]), row_delta(delta[q0 + r]);
-            for (int64_t c = 0; c < columns; c += Vec<T>::size()) {
-              const Vec<T> p = fast_exp(Vec<T>::loadu(p_row + c) - shift);
+            A* p_row = probs.data() + r * columns;
+            A* ds_row = grad_logits.data() + r * columns;
+            const Vec<A> shift(log_normalizer[first + q0 + r]), row_delta(delta[q0 + r]);
+            for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
+              const Vec<A> p = fast_exp(load_logits<kScale>(p_row + c, factor) - shift);
               p.store(p_row + c);
-              (p * (Vec<T>::loadu(ds_row + c) - row_delta)).store(ds_row + c);
+              (p * (Vec<A>::loadu(ds_row + c) - row_delta)).store(ds_row + c);
             }
           }
-          matmul_tile<T>(E, columns, rows, grad_out_tile, 1, E, probs.data(), columns, grad_value_t + k0, key_stride,
+          matmul_tile<T>(E, columns, rows, grad_out_operand + q0 * E, G, G * E,
+                         row_operand(probs.data(), rows, columns, probs_groups), columns, grad_value_t + k0, key_stride,
                          true);
-          matmul_tile<T>(D, columns, rows, query_tile, 1, D, grad_logits.data(), columns, grad_key_t + k0, key_stride,
-                         true);
+          matmul_tile<T>(D, columns, rows, query_operand + q0 * D, G, G * D,
+                         row_operand(grad_logits.data(), rows, columns, grad_logits_groups), columns, grad_key_t + k0,
+                         key_stride, true);
           if constexpr (kLaneGradQuery) {
             matmul_lanes_8(rows, columns, grad_logits.data(), columns, key_t.data(), columns,
                            grad_q.data() + q0 * grad_q_stride);
           } else {
-            matmul_tile<T>(rows, padded_d, keys, grad_logits.data(), columns, 1, key_rows.data(), padded_d,
-                           grad_q.data() + q0 * grad_q_stride, padded_d, true);
+            matmul_tile<T>(rows, padded_d, keys,
+                           rounded_operand(grad_logits.data(), rows * columns, grad_logits_rounded), columns, G,
+                           key_rows.data(), padded_d, grad_q.data() + q0 * grad_q_stride, padded_d, true);
           }
         }
       }
       for (int64_t r = 0; r < rows_in_group; ++r)
         for (int64_t d = 0; d < D; ++d) {
-          const T* sum = grad_q.data() + r * grad_q_stride;
-          grad_query[(first + r) * D + d] = scale * sum[d];
+          const A* sum = grad_q.data() + r * grad_q_stride;
+          grad_query[(first + r) * D + d] = T(scale * sum[d]);
         }
     }
   });
@@ -240,39 +315,51 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   // sum the groups in order and transpose back: (D + E, M) -> (M, D), (M, E)
   at::parallel_for(0, s.batch * (D + E), 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<T> total(M);
+    Buffer<A> total(M);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (D + E), channel = item % (D + E);
-      std::fill(total.begin(), total.end(), T(0));
+      std::fill(total.begin(), total.end(), A(0));
       for (int64_t g = 0; g < groups; ++g) {
-        const T* part = partial.data() + ((b * groups + g) * (D + E) + channel) * key_stride;
+        const A* part = partial.data() + ((b * groups + g) * (D + E) + channel) * key_stride;
         for (int64_t j = 0; j < M; ++j) total[j] += part[j];
       }
+      if constexpr (kScale)  // dK = scale dS^T Q: the query went in unscaled
+        if (channel < D)
+          for (auto& x : total) x *= scale;
       T* target = channel < D ? grad_key + b * M * D + channel : grad_value + b * M * E + (channel - D);
       const int64_t stride = channel < D ? D : E;
-      for (int64_t j = 0; j < M; ++j) target[j * stride] = total[j];
+      for (int64_t j = 0; j < M; ++j) target[j * stride] = T(total[j]);
     }
   });
 }
 
 }  // namespace
 
+// The operand types of the kernels: float32, float64, and bfloat16 where built for it.
+#if defined(FASTNL_AVX512_BF16)
+#define FASTNL_DISPATCH_OPERANDS(type, name, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, name, __VA_ARGS__)
+#else
+#define FASTNL_DISPATCH_OPERANDS(type, name, ...) AT_DISPATCH_FLOATING_TYPES(type, name, __VA_ARGS__)
+#endif
+
 std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& key, const Tensor& value,
                                            const OptionalTensor& center, const OptionalTensor& log_normalizer,
                                            double scale) {
-  check_operands(query, key, value, center);
+  check_operands(query, key, value, center, bfloat16_native());
   const int64_t B = query.size(0), N = query.size(1);
-  if (log_normalizer) check_like("log_normalizer", *log_normalizer, {B, N}, query.scalar_type());
+  const auto statistics = accumulate_type(query.scalar_type());
+  if (log_normalizer) check_like("log_normalizer", *log_normalizer, {B, N}, statistics);
   Tensor out = at::empty({B, N, value.size(2)}, value.options());
   const bool known = log_normalizer.has_value();
-  Tensor log_normalizer_out = known ? *log_normalizer : at::empty({B, N}, query.options());
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_cpp::softmax_forward", [&] {
+  Tensor log_normalizer_out = known ? *log_normalizer : at::empty({B, N}, query.options().dtype(statistics));
+  FASTNL_DISPATCH_OPERANDS(query.scalar_type(), "fastnl_cpp::softmax_forward", [&] {
+    using A = Acc<scalar_t>;
     const Shape shape{B, N, key.size(1), query.size(2), value.size(2)};
     with_depth(shape.width_qk, [&](auto depth) {
       forward_kernel<scalar_t, decltype(depth)::value>(
           shape, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
           center ? center->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-          log_normalizer_out.data_ptr<scalar_t>(), known, static_cast<scalar_t>(scale));
+          log_normalizer_out.data_ptr<A>(), known, static_cast<A>(scale));
     });
   });
   return {out, log_normalizer_out};
@@ -281,20 +368,21 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
 std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                     const Tensor& value, const OptionalTensor& center,
                                                     const Tensor& out, const Tensor& log_normalizer, double scale) {
-  check_operands(query, key, value, center);
+  check_operands(query, key, value, center, bfloat16_native());
   const int64_t B = query.size(0), N = query.size(1), E = value.size(2);
   check_like("grad_out", grad_out, {B, N, E}, query.scalar_type());
   check_like("out", out, {B, N, E}, query.scalar_type());
-  check_like("log_normalizer", log_normalizer, {B, N}, query.scalar_type());
+  check_like("log_normalizer", log_normalizer, {B, N}, accumulate_type(query.scalar_type()));
   Tensor grad_query = at::empty_like(query), grad_key = at::empty_like(key), grad_value = at::empty_like(value);
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastnl_cpp::softmax_backward", [&] {
+  FASTNL_DISPATCH_OPERANDS(query.scalar_type(), "fastnl_cpp::softmax_backward", [&] {
+    using A = Acc<scalar_t>;
     const Shape shape{B, N, key.size(1), query.size(2), E};
     with_depth(shape.width_qk, [&](auto depth) {
       backward_kernel<scalar_t, decltype(depth)::value>(
           shape, grad_out.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
           value.const_data_ptr<scalar_t>(), center ? center->const_data_ptr<scalar_t>() : nullptr,
-          out.const_data_ptr<scalar_t>(), log_normalizer.const_data_ptr<scalar_t>(), grad_query.data_ptr<scalar_t>(),
-          grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
+          out.const_data_ptr<scalar_t>(), log_normalizer.const_data_ptr<A>(), grad_query.data_ptr<scalar_t>(),
+          grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), static_cast<A>(scale));
     });
   });
   return {grad_query, grad_key, grad_value};

@@ -2,14 +2,18 @@
 // buffers, one register-blocked small matrix product, and a fast exponential.
 // Everything is written on at::vec::Vectorized, so one source serves AVX512, AVX2
 // and the scalar fallback; the build chooses the capability (fastnl/backends/cpp.py).
+// Built with FASTNL_AVX512_BF16 (-mavx512bf16), the products also take bfloat16
+// operands on vdpbf16ps (Product<c10::BFloat16>).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -124,22 +128,104 @@ class FlushDenormals {
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 };
 
-// dst (cols, ld) = src (rows, cols) transposed, columns rows..ld zero.
+// How the products read their operands (the policy of matmul_tile). float and double:
+// operands of the accumulation type, one broadcast element times a row of elements on
+// fmadd. An operand B of a product contracted over k is a (k, lanes) row-major matrix.
+template <typename T>
+struct Product {
+  using Acc = T;                                // accumulators, results and row statistics
+  static constexpr int64_t kGroup = 1;          // consecutive k per lane of an operand
+  static constexpr bool kScalesLogits = false;  // the softmax scale rides on the query
+  using Operand = Vec<T>;
+  static Operand load(const T* b) { return Vec<T>::loadu(b); }
+  static Operand broadcast(const T* a) { return Vec<T>(*a); }
+  static Vec<T> multiply_add(const Operand& a, const Operand& b, const Vec<T>& acc) {
+    return at::vec::fmadd(a, b, acc);
+  }
+};
+
+#if defined(FASTNL_AVX512_BF16)
+// bfloat16: pairs of consecutive k in each 32-bit lane, a broadcast pair times a row of
+// pairs on vdpbf16ps (float32 products and sums, as FlashAttention's tensor cores);
+// B group g, lane c holds (B[2g, c], B[2g + 1, c]). The scale multiplies the float32
+// logits, since rounding the scaled query to bf16 again would add an error.
+template <>
+struct Product<c10::BFloat16> {
+  using Acc = float;
+  static constexpr int64_t kGroup = 2;
+  static constexpr bool kScalesLogits = true;
+  using Operand = __m512bh;
+  static Operand load(const c10::BFloat16* b) { return (__m512bh)_mm512_loadu_si512(b); }
+  static Operand broadcast(const c10::BFloat16* a) {
+    int32_t pair;
+    std::memcpy(&pair, a, sizeof(pair));
+    return (__m512bh)_mm512_set1_epi32(pair);
+  }
+  // the pair (a[0], 0): an odd contraction's last k, whose partner may lie past the tensor
+  static Operand broadcast_first(const c10::BFloat16* a) { return (__m512bh)_mm512_set1_epi32(a->x); }
+  static Vec<float> multiply_add(const Operand& a, const Operand& b, const Vec<float>& acc) {
+    return _mm512_dpbf16_ps(acc, a, b);
+  }
+  // dst (rows / 2, width, 2) = src (rows, width; rows ld apart) rounded, row pairs
+  // interleaved, a missing last row zero; width whole vectors of 16.
+  static void pack_row_pairs(const float* src, int64_t rows, int64_t width, int64_t ld, c10::BFloat16* dst) {
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    for (int64_t r = 0; r < rows; r += 2) {
+      const float* first = src + r * ld;
+      c10::BFloat16* out = dst + r * width;
+      for (int64_t c = 0; c < width; c += 16) {
+        const __m512i second = rounded(r + 1 < rows ? _mm512_loadu_ps(first + ld + c) : _mm512_setzero_ps());
+        const __m512i pairs =
+            _mm512_or_si512(_mm512_srli_epi32(rounded(_mm512_loadu_ps(first + c)), 16), _mm512_and_si512(second, high));
+        _mm512_storeu_si512(out + 2 * c, pairs);
+      }
+    }
+  }
+  // dst = src (count floats, whole vectors of 16) rounded
+  static void round(const float* src, int64_t count, c10::BFloat16* dst) {
+    for (int64_t i = 0; i < count; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded(_mm512_loadu_ps(src + i)), 16)));
+  }
+
+ private:
+  // x rounded to nearest even at bf16 precision, as float bits (the bf16 in the high
+  // half), NaN kept NaN. Integer arithmetic: on the Sapphire Rapids machine the kernels
+  // were tuned on, vcvtne2ps2bf16 and vcvtneps2bf16 are multi-cycle and made these
+  // conversions cost as much as the products.
+  static __m512i rounded(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i sum = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_mask_mov_epi32(sum, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  }
+};
+#endif
+
+template <typename T>
+using Acc = typename Product<T>::Acc;
+
+// dst = src (rows, cols) transposed, as the B operand of a product contracted over
+// cols: (cols, ld) in groups of kGroup, lanes rows..ld and a missing last k zero.
 template <typename T>
 inline void pack_transposed(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c) {
-    T* out = dst + c * ld;
-    for (int64_t r = 0; r < rows; ++r) out[r] = src[r * cols + c];
-    for (int64_t r = rows; r < ld; ++r) out[r] = T(0);
+  constexpr int64_t G = Product<T>::kGroup;
+  for (int64_t c = 0; c < round_up(cols, G); ++c) {
+    T* out = dst + c / G * ld * G + c % G;
+    for (int64_t r = 0; r < rows; ++r) out[r * G] = c < cols ? src[r * cols + c] : T(0);
+    for (int64_t r = rows; r < ld; ++r) out[r * G] = T(0);
   }
 }
 
-// dst (rows, ld) = src (rows, cols), columns cols..ld zero.
+// dst = src (rows, cols), as the operand of a product contracted over rows: (rows, ld)
+// in groups of kGroup, lanes cols..ld and a missing last row zero.
 template <typename T>
 inline void pack_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[r * cols + c];
-    for (int64_t c = cols; c < ld; ++c) dst[r * ld + c] = T(0);
+  constexpr int64_t G = Product<T>::kGroup;
+  for (int64_t r = 0; r < round_up(rows, G); ++r) {
+    T* out = dst + r / G * ld * G + r % G;
+    for (int64_t c = 0; c < cols; ++c) out[c * G] = r < rows ? src[r * cols + c] : T(0);
+    for (int64_t c = cols; c < ld; ++c) out[c * G] = T(0);
   }
 }
 
@@ -153,30 +239,36 @@ constexpr int kWideRows = 4;
 constexpr int kNarrowRows = 8;
 
 // C[r, :] (+)= sum_k A(r, k) B[k, :] for ROWS rows and VECS vectors of columns, all
-// in registers. A is read one element at a time through strides, so a transposed A
-// costs nothing; DEPTH > 0 fixes the depth at compile time (the small widths D).
+// in registers. A is read one group of k at a time through strides (a_col from one
+// group to the next), so a transposed A costs nothing; DEPTH > 0 fixes the depth at
+// compile time (the small widths D).
 template <typename T, int ROWS, int VECS, int DEPTH>
-inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, Acc<T>* c, int64_t ldc,
                           int64_t depth, bool accumulate) {
-  constexpr int64_t L = Vec<T>::size();
-  Vec<T> acc[ROWS][VECS];
+  using P = Product<T>;
+  constexpr int64_t L = Vec<Acc<T>>::size(), G = P::kGroup;
+  Vec<Acc<T>> acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < VECS; ++v) acc[r][v] = accumulate ? Vec<T>::loadu(c + r * ldc + v * L) : Vec<T>(T(0));
+    for (int v = 0; v < VECS; ++v)
+      acc[r][v] = accumulate ? Vec<Acc<T>>::loadu(c + r * ldc + v * L) : Vec<Acc<T>>(Acc<T>(0));
   const int64_t count = DEPTH > 0 ? DEPTH : depth;
-  for (int64_t k = 0; k < count; ++k) {
-    Vec<T> row[VECS];
-    for (int v = 0; v < VECS; ++v) row[v] = Vec<T>::loadu(b + k * ldb + v * L);
+  const auto step = [&](int64_t k, auto broadcast) {
+    typename P::Operand row[VECS];
+    for (int v = 0; v < VECS; ++v) row[v] = P::load(b + (k * ldb + v * L) * G);
     for (int r = 0; r < ROWS; ++r) {
-      const Vec<T> coefficient(a[r * a_row + k * a_col]);
-      for (int v = 0; v < VECS; ++v) acc[r][v] = at::vec::fmadd(coefficient, row[v], acc[r][v]);
+      const typename P::Operand coefficient = broadcast(a + r * a_row + k * a_col);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = P::multiply_add(coefficient, row[v], acc[r][v]);
     }
-  }
+  };
+  for (int64_t k = 0; k < count / G; ++k) step(k, [](const T* at) { return P::broadcast(at); });
+  if constexpr (G > 1)
+    if (count % G) step(count / G, [](const T* at) { return P::broadcast_first(at); });
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECS; ++v) acc[r][v].store(c + r * ldc + v * L);
 }
 
 template <typename T, int ROWS, int VECS, int DEPTH>
-inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, Acc<T>* c,
                          int64_t ldc, int64_t depth, bool accumulate) {
   int64_t r = 0;
   for (; r + ROWS <= rows; r += ROWS)
@@ -185,18 +277,21 @@ inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col,
     product_block<T, 1, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, accumulate);
 }
 
-// C (rows, width) (+)= A (rows, depth) B (depth, width), A(r, k) = a[r * a_row + k * a_col].
-// width is a multiple of the vector size, and B, C rows are that wide (padded).
+// C (rows, width) (+)= A (rows, depth) B (depth, width), A's group k of row r at
+// a + r * a_row + k * a_col (a_col = kGroup: A's rows in place, k contiguous) and B
+// packed as Product describes, ldb lanes a row. width is a multiple of the vector
+// size, and B, C rows are that wide (padded).
 template <typename T, int DEPTH = 0>
 inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
-                        const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t L = Vec<T>::size();
+                        const T* b, int64_t ldb, Acc<T>* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Vec<Acc<T>>::size(), G = Product<T>::kGroup;
   int64_t column = 0;
   for (; column + kWideVecs * L <= width; column += kWideVecs * L)
-    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc, depth,
+    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
                                                  accumulate);
   for (; column < width; column += L)
-    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column, ldb, c + column, ldc, depth, accumulate);
+    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
+                                           accumulate);
 }
 
 // The lane sums of 16 vectors of 16 lanes, as one vector: lane v = the sum of the

@@ -12,14 +12,26 @@ machines never loads the wrong one. A failed build is not fatal: the backend rep
 itself unavailable with the compiler's reason, `backend=None` falls back to "torch"
 with one warning, and an explicit `backend="cpp"` raises that reason.
 
-float32 and float64 run natively; half-precision inputs are computed in float32 and
-rounded once at the end, as in the "torch" backend.
+float32 and float64 run natively. Half-precision inputs are computed in float32 and
+rounded once at the end, as in the "torch" backend, unless `FASTNL_CPP_BFLOAT16=native`
+selects the native bfloat16 softmax kernels. Those are built where the CPU has
+AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo, and cpuid when loaded), with -mavx512bf16
+into a library whose name ends in "_bf16": they read bf16 operands, multiply them in
+pairs on vdpbf16ps with float32 sums, keep P and dS in float32 (rounded to bf16 only as
+operands of the next product, as FlashAttention does), log_normalizer in float32, and
+round each output once. They are not the default because on the CPU they were measured
+on (Sapphire Rapids without AMX) vdpbf16ps does half the FLOPs per second of a float32
+FMA, and they ran slower than converting to float32 (`pytest
+benchmarks/test_model_shapes_bench.py --benchmark-only`, with and without the
+variable). `bfloat16_path()` says which path bfloat16 takes here, and why.
 """
 import functools
+import os
 import warnings
 
 import torch
 
+from fastnl.backends import accumulate_dtype
 from fastnl.backends._sources import extension_name, source_dir
 
 # vector capability -> compiler flags; CPU_CAPABILITY_* selects at::vec's implementation.
@@ -32,25 +44,64 @@ _CAPABILITY_FLAGS = {
 }
 
 
+# the bfloat16 softmax kernels (csrc/cpu/tile_math.h, Product<c10::BFloat16>)
+_BFLOAT16_FLAGS = ["-mavx512bf16", "-DFASTNL_AVX512_BF16"]
+_bfloat16_build_errors = []  # why a build with _BFLOAT16_FLAGS failed, if one did
+
+
 def _capability():
     capability = torch.backends.cpu.get_cpu_capability()
     return capability if capability in _CAPABILITY_FLAGS else "DEFAULT"
 
 
-def build(verbose=False):
-    """Compile (or find in the cache) and load the kernels; return the library's path."""
+def _cpu_flags():
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _bfloat16_unbuildable():
+    """None where the bfloat16 kernels are built, else why not."""
+    if _capability() != "AVX512":
+        return f"the kernels are built for {_capability()}, not AVX512"
+    if "avx512_bf16" not in _cpu_flags():
+        return "the CPU has no AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)"
+    return None
+
+
+def _load(name, flags, verbose):
     from torch.utils import cpp_extension
 
-    capability = _capability()
     return cpp_extension.load(
-        name=extension_name(f"fastnl_cpp_{capability.lower()}"),
+        name=extension_name(name),
         sources=sorted(str(path) for path in source_dir("cpu").glob("*.cpp")),
         # -fopenmp: at::parallel_for is inline and runs serially without it
-        extra_cflags=["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])],
+        extra_cflags=["-O3", "-fopenmp", *flags],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=verbose,
     )
+
+
+def build(verbose=False):
+    """Compile (or find in the cache) and load the kernels; return the library's path.
+
+    Where the CPU has AVX512-BF16 the bfloat16 kernels are built in; if the compiler
+    fails on that build, the library is built without them (`bfloat16_path` says why).
+    """
+    capability = _capability()
+    name = f"fastnl_cpp_{capability.lower()}"
+    flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+    if _bfloat16_unbuildable() is None:
+        try:
+            return _load(f"{name}_bf16", [*flags, *_BFLOAT16_FLAGS], verbose)
+        except Exception as error:  # e.g. a compiler without -mavx512bf16
+            lines = str(error).splitlines() or [""]
+            _bfloat16_build_errors.append(next((line for line in lines if "error:" in line), lines[0]))
+    return _load(name, flags, verbose)
 
 
 @functools.cache
@@ -71,27 +122,62 @@ def unavailable_reason(device_type):
     return _build_failure()
 
 
-def _compute_dtype(dtype):
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+BFLOAT16_CHOICE = "FASTNL_CPP_BFLOAT16"  # "float32" (the default) or "native"
 
 
-def _as_compute(*tensors):
-    """Tensors in the kernels' dtype (float32 for half precision), None kept."""
-    dtype = _compute_dtype(tensors[0].dtype)
+@functools.cache
+def _bfloat16_kernels():
+    """Whether the loaded library has the bfloat16 kernels and the CPU runs them."""
+    return _build_failure() is None and bool(torch.ops.fastnl_cpp.bfloat16_native())
+
+
+def _bfloat16_native():
+    """Whether the softmax kernels take bfloat16 operands (chosen, built and runnable)."""
+    choice = os.environ.get(BFLOAT16_CHOICE, "float32")
+    if choice not in ("float32", "native"):
+        raise ValueError(f"{BFLOAT16_CHOICE} must be 'float32' or 'native', got {choice!r}")
+    return choice == "native" and _bfloat16_kernels()
+
+
+def bfloat16_path():
+    """How the softmax kernels compute bfloat16 inputs here: "avx512-bf16" (natively, bf16
+    products on vdpbf16ps) or "float32 (why)" (converted, computed in float32)."""
+    if _bfloat16_native():
+        return "avx512-bf16"
+    if _bfloat16_kernels():
+        return f"float32 (the default; {BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels)"
+    reason = (_build_failure() or _bfloat16_unbuildable()
+              or next((f"the build with -mavx512bf16 failed: {error}" for error in _bfloat16_build_errors), None)
+              or "the CPU reports no AVX512-BF16 (cpuid)")
+    return f"float32 ({reason})"
+
+
+def _as_compute(*tensors, native=(torch.float32, torch.float64)):
+    """Tensors in the kernels' dtype (theirs if `native`, else float32), None kept."""
+    dtype = tensors[0].dtype if tensors[0].dtype in native else torch.float32
     return [None if t is None else t.to(dtype).contiguous() for t in tensors]
 
 
+def _as_softmax_operands(*tensors):
+    native = (torch.float32, torch.float64, torch.bfloat16) if _bfloat16_native() else (torch.float32, torch.float64)
+    return _as_compute(*tensors, native=native)
+
+
+def _as_statistic(log_normalizer, operand):
+    """log_normalizer in the kernels' row-statistic dtype for `operand` (float32 unless float64)."""
+    return log_normalizer.to(accumulate_dtype(operand.dtype)).contiguous()
+
+
 def softmax_forward(query, key, value, center, log_normalizer, scale):
-    out, computed = torch.ops.fastnl_cpp.softmax_forward(
-        *_as_compute(query, key, value, center, log_normalizer), scale
-    )
+    operands = _as_softmax_operands(query, key, value, center)
+    known = None if log_normalizer is None else _as_statistic(log_normalizer, operands[0])
+    out, computed = torch.ops.fastnl_cpp.softmax_forward(*operands, known, scale)
     return out.to(value.dtype), (log_normalizer if log_normalizer is not None else computed)
 
 
 def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale):
-    grads = torch.ops.fastnl_cpp.softmax_backward(
-        *_as_compute(grad_out, query, key, value, center, out, log_normalizer), scale
-    )
+    operands = _as_softmax_operands(grad_out, query, key, value, center, out)
+    grads = torch.ops.fastnl_cpp.softmax_backward(*operands, _as_statistic(log_normalizer, operands[0]), scale)
     return tuple(grad.to(query.dtype) for grad in grads)
 
 
@@ -123,3 +209,4 @@ def concat_backward(grad_out, query, key, value, center, scale):
 
 if __name__ == "__main__":
     print(f"built the fastnl C++ CPU kernels ({_capability()}): {build(verbose=True)}")
+    print(f"bfloat16 softmax: {bfloat16_path()}")

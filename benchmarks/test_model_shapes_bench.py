@@ -1,0 +1,192 @@
+"""The model's three nonlocal shapes at the training batch B = 128: diffuse softmax
+fwd+bwd through fastnl.nonlocal_attend on the cpp backend in float32 and bfloat16,
+against SDPA in the same dtype and the reference in float32; a stage's chain of K blocks
+sharing statistics at N = 256; and the machine's float32 and bfloat16 product rates,
+measured in the same run, to explain the ratios.
+
+    pytest benchmarks/test_model_shapes_bench.py --benchmark-only
+
+One group per problem and dtype, one row per implementation (cases.py's problems and
+SDPA peer). The summary prints the bars at N256 D16 E16 and the same ratios, without
+bars, at the other two shapes; then fastnl's own FLOP rate beside torch.mm's.
+"""
+from time import perf_counter
+
+import pytest
+import summary
+import torch
+from cases import make_inputs, run_step, sdpa_diffuse, size_name
+
+import fastnl
+from fastnl import backends
+from fastnl.backends import cpp
+
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
+                                reason="the cpp backend did not build")
+
+MODEL_SIZES = [
+    dict(batch=128, positions=1024, width=8, value_width=8),
+    dict(batch=128, positions=256, width=16, value_width=16),
+    dict(batch=128, positions=64, width=32, value_width=32),
+]
+BAR_SIZE = MODEL_SIZES[1]
+STAGE_SIZE = MODEL_SIZES[1]
+STAGE_BLOCKS = [2, 4, 6]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def attend_diffuse(backend):
+    def diffuse(query, key, value):
+        out, _ = fastnl.nonlocal_attend(query, key, value, value, backend=backend)
+        return out
+
+    return diffuse
+
+
+# "cpp native": bfloat16 on the AVX512-BF16 kernels (FASTNL_CPP_BFLOAT16=native), beside
+# the default "cpp", which computes bfloat16 in float32
+IMPLEMENTATIONS = {"cpp": attend_diffuse("cpp"), "cpp native": attend_diffuse("cpp"), "sdpa": sdpa_diffuse,
+                   "reference": attend_diffuse("reference")}
+# (dtype, implementation): the reference is the float32 yardstick only
+CASES = [(dtype_name, name) for dtype_name in DTYPES for name in IMPLEMENTATIONS
+         if (name != "reference" or dtype_name == "float32") and (name != "cpp native" or dtype_name == "bfloat16")]
+
+
+def _choose(monkeypatch, implementation):
+    if implementation == "cpp native":
+        if not cpp._bfloat16_kernels():
+            pytest.skip(f"no native bfloat16 here: {cpp.bfloat16_path()}")
+        monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
+
+
+def _group(size, dtype_name):
+    return f"model diffuse softmax fwd+bwd {size_name(size)} {dtype_name}"
+
+
+def _stage_group(blocks, dtype_name):
+    return f"model stage chain of {blocks} diffuse fwd+bwd {size_name(STAGE_SIZE)} {dtype_name}"
+
+
+@pytest.mark.parametrize(("dtype_name", "implementation"), CASES, ids="-".join)
+@pytest.mark.parametrize("size", MODEL_SIZES, ids=size_name)
+def test_model_diffuse(benchmark, record, monkeypatch, size, dtype_name, implementation):
+    _choose(monkeypatch, implementation)
+    benchmark.group = _group(size, dtype_name)
+    inputs = make_inputs(size, requires_grad=True, dtype=DTYPES[dtype_name])
+    function = IMPLEMENTATIONS[implementation]
+    run_step(function, inputs, True)  # build / warm up outside the timing
+    slow = implementation == "reference" or (implementation == "sdpa" and dtype_name == "bfloat16")
+    benchmark.pedantic(run_step, args=(function, inputs, True), rounds=2 if slow else 5, warmup_rounds=0)
+    record(benchmark, implementation)
+
+
+def _stage_step(implementation, blocks, query, key, value):
+    """A NonlocalStage's pattern (as test_cpp_bench.py's): `blocks` diffusions with one
+    affinity, each on the previous block's output, the cpp ones sharing the first's
+    row statistics; then the backward through all."""
+
+    def step():
+        values, log_normalizer = value, None
+        for _ in range(blocks):
+            if implementation.startswith("cpp"):
+                out, log_normalizer = fastnl.nonlocal_attend(query, key, values, values, backend="cpp",
+                                                             log_normalizer=log_normalizer)
+            else:
+                out = sdpa_diffuse(query, key, values)
+            values = values + out
+        values.backward(torch.ones_like(values))
+
+    return step
+
+
+@pytest.mark.parametrize(("dtype_name", "implementation"), [case for case in CASES if case[1] != "reference"],
+                         ids="-".join)
+@pytest.mark.parametrize("blocks", STAGE_BLOCKS)
+def test_model_stage_chain(benchmark, record, monkeypatch, blocks, dtype_name, implementation):
+    _choose(monkeypatch, implementation)
+    benchmark.group = _stage_group(blocks, dtype_name)
+    step = _stage_step(implementation, blocks, *make_inputs(STAGE_SIZE, requires_grad=True, dtype=DTYPES[dtype_name]))
+    step()
+    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
+    record(benchmark, implementation)
+
+
+def _time(function, *args, **kwargs):
+    start = perf_counter()
+    function(*args, **kwargs)
+    return perf_counter() - start
+
+
+def test_machine_product_rates(benchmark):
+    """FLOP/s of torch.mm (1024^3) in float32 and bfloat16 on this machine, now."""
+    benchmark.group = "machine: float32 and bfloat16 torch.mm rates"
+    operands = {name: [torch.randn(1024, 1024, dtype=dtype) for _ in range(3)] for name, dtype in DTYPES.items()}
+
+    def step():
+        for left, right, product in operands.values():
+            torch.mm(left, right, out=product)
+
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    for name, (left, right, product) in operands.items():
+        seconds = min(_time(torch.mm, left, right, out=product) for _ in range(5))
+        summary.VALUES[f"mm flop/s {name}"] = 2 * 1024**3 / seconds
+        benchmark.extra_info[f"gflop_per_s_{name}"] = round(summary.VALUES[f"mm flop/s {name}"] / 1e9, 1)
+
+
+def _flops(size):
+    """fwd+bwd products per problem: per (query, key) pair forward q.k (D) and p v (E),
+    backward q.k, dp (E), dV (E), dK (D), dQ (D); 2 FLOPs a multiply-add."""
+    pairs = size["batch"] * size["positions"] ** 2
+    return 2 * pairs * (4 * size["width"] + 3 * size["value_width"])
+
+
+def _ratios(size, bfloat16_cpp="cpp"):
+    """(cpp vs SDPA float32, cpp bf16 vs cpp float32, cpp bf16 vs SDPA bf16) at `size`,
+    bf16 on the implementation `bfloat16_cpp` ("cpp" or "cpp native")."""
+    float32, bfloat16 = _group(size, "float32"), _group(size, "bfloat16")
+    cpp_float32, cpp_bfloat16 = summary.median(float32, "cpp"), summary.median(bfloat16, bfloat16_cpp)
+    across = None if None in (cpp_float32, cpp_bfloat16) else cpp_float32 / cpp_bfloat16
+    return summary.ratio(float32, "sdpa", "cpp"), across, summary.ratio(bfloat16, "sdpa", bfloat16_cpp)
+
+
+@summary.section("fastnl cpp backend at the model's shapes, B = 128 (medians from the groups above)")
+def _summary_lines():
+    name = size_name(BAR_SIZE)
+    versus_sdpa, versus_float32, versus_sdpa_bf16 = _ratios(BAR_SIZE)
+    lines = [f"bfloat16 path: {cpp.bfloat16_path()}"]
+    _, native_versus_float32, native_versus_sdpa_bf16 = _ratios(BAR_SIZE, "cpp native")
+    lines += summary.bar_lines([
+        (f"{name}: cpp vs SDPA, float32", versus_sdpa, 1.5),
+        (f"{name}: cpp bf16 vs cpp float32", versus_float32, 1.5),
+        (f"{name}: cpp bf16 vs SDPA bf16", versus_sdpa_bf16, 4.0),
+        (f"{name}: cpp native bf16 vs cpp float32", native_versus_float32, 1.5),
+        (f"{name}: cpp native bf16 vs SDPA bf16", native_versus_sdpa_bf16, 4.0),
+    ])
+    for size in MODEL_SIZES:
+        if size is BAR_SIZE:
+            continue
+        cells = ["-" if value is None else f"{value:.2f}" for value in _ratios(size)]
+        lines.append(f"{size_name(size)} (no bars): cpp vs SDPA float32 {cells[0]}, cpp bf16 vs cpp float32 "
+                     f"{cells[1]}, cpp bf16 vs SDPA bf16 {cells[2]}")
+    for blocks in STAGE_BLOCKS:
+        cells = [summary.ratio(_stage_group(blocks, dtype_name), "sdpa", "cpp") for dtype_name in DTYPES]
+        if None not in cells:
+            lines.append(f"stage chain of {blocks} at {size_name(STAGE_SIZE)} (no bar): cpp vs SDPA "
+                         f"float32 {cells[0]:.2f}, bf16 {cells[1]:.2f}")
+    rates = {dtype_name: summary.VALUES.get(f"mm flop/s {dtype_name}") for dtype_name in DTYPES}
+    if None in rates.values():
+        return lines
+    lines.append(f"torch.mm 1024^3 on this machine: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bfloat16 "
+                 f"{rates['bfloat16'] / 1e9:.0f} GFLOP/s (bf16 / float32 = {rates['bfloat16'] / rates['float32']:.2f})")
+    for size in MODEL_SIZES:
+        achieved = []
+        for dtype_name, implementation in [case for case in CASES if case[1].startswith("cpp")]:
+            seconds = summary.median(_group(size, dtype_name), implementation)
+            if seconds is not None:
+                rate = _flops(size) / seconds
+                achieved.append(f"{implementation} {dtype_name} {seconds * 1e3:.1f} ms = {rate / 1e9:.0f} GFLOP/s "
+                                f"({rate / rates[dtype_name]:.0%} of torch.mm's)")
+        if achieved:
+            lines.append(f"cpp at {size_name(size)}, {_flops(size) / 1e9:.1f} GFLOP of products: "
+                         + ", ".join(achieved))
+    return lines
