@@ -13,7 +13,9 @@ Modules hold convolutions, BatchNorm and reshapes; the arithmetic is
   `concatenation` projects [theta_i, phi_j] to one number with ReLU (AlexHex7's
   `concat_project`, no bias), computed exactly as relu(w_a.theta_i + w_b.phi_j), D = 1.
 - `use_scale` divides the softmax logits by sqrt(D) (mmcv's use_scale); it does not
-  apply to dot_product or concatenation, already divided by M.
+  apply to dot_product or concatenation, already divided by M. `scale=s` instead sets
+  the affinity's factor explicitly (the logits' for softmax: timm's NonLocalAttn uses
+  C ** -0.5; the weights' for dot/concat).
 - `bn_layer=True`: W_z is a 1x1 convolution C' -> C followed by BatchNorm whose weight
   and bias start at zero; `bn_layer=False`: W_z alone, initialised to zero. Either
   way a new block is the identity (Wang et al., Sec. 4.1).
@@ -99,7 +101,7 @@ def _check_options(in_channels, inter_channels, mode, dimension):
 class Affinity(nn.Module):
     """theta and phi of one mode: x (B, C, *S) -> query (B, N, D), key (B, M, D)."""
 
-    def __init__(self, in_channels, inter_channels, mode, sub_sample, dimension, use_scale):
+    def __init__(self, in_channels, inter_channels, mode, sub_sample, dimension, use_scale, scale):
         super().__init__()
         conv = _CONV[dimension]
         self.kernel = MODES[mode]
@@ -118,7 +120,12 @@ class Affinity(nn.Module):
             self.project_query = conv(inter_channels, 1, kernel_size=1, bias=False)
             self.project_key = conv(inter_channels, 1, kernel_size=1, bias=False)
         softmax = affinities.get(self.kernel).normalisation == "softmax"
-        self.scale = 1.0 / math.sqrt(width) if use_scale and softmax else 1.0
+        if scale is not None:
+            if use_scale:
+                raise ValueError("pass use_scale=True or an explicit scale, not both")
+            self.scale = float(scale)
+        else:
+            self.scale = 1.0 / math.sqrt(width) if use_scale and softmax else 1.0
 
     def forward(self, rows, spatial):
         """rows (B, N, C) on the grid `spatial` -> query (B, N, D), key (B, M, D)."""
@@ -177,12 +184,12 @@ class ValueBranch(nn.Module):
 
 class _Nonlocal(nn.Module):
     def __init__(self, in_channels, inter_channels, mode, sub_sample, bn_layer, dimension, use_scale,
-                 backend, num_branches):
+                 backend, num_branches, scale=None):
         super().__init__()
         inter_channels = _check_options(in_channels, inter_channels, mode, dimension)
         self.in_channels, self.inter_channels = in_channels, inter_channels
         self.mode, self.sub_sample, self.dimension, self.backend = mode, sub_sample, dimension, backend
-        self.affinity = Affinity(in_channels, inter_channels, mode, sub_sample, dimension, use_scale)
+        self.affinity = Affinity(in_channels, inter_channels, mode, sub_sample, dimension, use_scale, scale)
         self.branches = nn.ModuleList(
             ValueBranch(in_channels, inter_channels, sub_sample, bn_layer, dimension)
             for _ in range(num_branches)
@@ -229,9 +236,17 @@ class NonlocalBlock(_Nonlocal):
     """
 
     def __init__(self, in_channels, inter_channels=None, mode="embedded_gaussian", sub_sample=False,
-                 bn_layer=True, dimension=2, use_scale=False, backend=None):
+                 bn_layer=True, dimension=2, use_scale=False, backend=None, scale=None):
         super().__init__(in_channels, inter_channels, mode, sub_sample, bn_layer, dimension, use_scale,
-                         backend, num_branches=1)
+                         backend, num_branches=1, scale=scale)
+
+    @classmethod
+    def from_state_dict(cls, state, layout, *, mode=None, use_scale=None, backend=None):
+        """The block computing what a peer's block with this state_dict computes:
+        layout "alexhex7", "mmcv" or "timm" (their keys and conventions: fastnl.peers)."""
+        from fastnl.peers import block_from_state_dict  # it builds NonlocalBlocks
+
+        return block_from_state_dict(state, layout, mode=mode, use_scale=use_scale, backend=backend)
 
     def forward(self, x):
         self._check_input(x)
@@ -255,11 +270,11 @@ class NonlocalStage(_Nonlocal):
     """
 
     def __init__(self, in_channels, num_blocks=2, inter_channels=None, mode="embedded_gaussian",
-                 sub_sample=False, bn_layer=True, dimension=2, use_scale=False, backend=None):
+                 sub_sample=False, bn_layer=True, dimension=2, use_scale=False, backend=None, scale=None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         super().__init__(in_channels, inter_channels, mode, sub_sample, bn_layer, dimension, use_scale,
-                         backend, num_branches=num_blocks)
+                         backend, num_branches=num_blocks, scale=scale)
         self.num_blocks = num_blocks
 
     def forward(self, x):
