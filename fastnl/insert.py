@@ -8,6 +8,7 @@ network's own code or its state_dict keys.
 import torch
 from torch import nn
 
+from fastnl._probe import captured_forward
 from fastnl.modules import NonlocalBlock, NonlocalStage
 
 NAME = "nonlocal_module"  # the inserted module's name under its place
@@ -20,22 +21,9 @@ def _run_inserted(module, args, output):
 
 
 def _output_shapes(model, places, example_input):
-    """{place: output shape} from one forward of `example_input` (eval mode, no grad)."""
-    shapes, handles = {}, []
-    for place, module in places.items():
-        def record(module, args, output, place=place):
-            shapes[place] = output.shape if isinstance(output, torch.Tensor) else type(output).__name__
-        handles.append(module.register_forward_hook(record))
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
-    return shapes
+    """{place: output shape, or the output's type name if not a tensor} from one forward."""
+    outputs = captured_forward(model, example_input, places)
+    return {place: out.shape if isinstance(out, torch.Tensor) else type(out).__name__ for place, out in outputs.items()}
 
 
 def insert_nonlocal(model, places, example_input, *, num_blocks=None, **options):

@@ -36,30 +36,41 @@ def _batch_norm(ours, theirs, state, mapping):
             mapping[f"{ours}.{name}"] = state[f"{theirs}.{name}"]
 
 
-def _alexhex7(state, mode, use_scale):
-    sub_sample = "g.0.weight" in state
-    g, phi = ("g.0", "phi.0") if sub_sample else ("g", "phi")
-    if "concat_project.0.weight" in state:
+# the key prefixes of the two peers that keep Wang et al.'s names; "*_sub" under sub_sample
+_WANG_KEYS = {
+    "alexhex7": {"g": "g", "g_sub": "g.0", "theta": "theta", "phi": "phi", "phi_sub": "phi.0",
+                 "concat": "concat_project.0", "out": "W.0", "out_alone": "W", "bn": "W.1"},
+    "mmcv": {"g": "g.conv", "g_sub": "g.0.conv", "theta": "theta.conv", "phi": "phi.conv", "phi_sub": "phi.0.conv",
+             "concat": "concat_project.conv", "out": "conv_out.conv", "out_alone": "conv_out.conv",
+             "bn": "conv_out.bn"},
+}
+
+
+def _wang_layout(layout, state, mode):
+    """(options, part names) of an AlexHex7 or mmcv block, read from its keys."""
+    keys = _WANG_KEYS[layout]
+    sub_sample = f"{keys['g_sub']}.weight" in state
+    if f"{keys['concat']}.weight" in state:
         mode = "concatenation"
-    elif "theta.weight" not in state:
+    elif f"{keys['theta']}.weight" not in state:
         mode = "gaussian"
-    bn_layer = "W.1.weight" in state
-    options = dict(mode=mode, sub_sample=sub_sample, bn_layer=bn_layer, use_scale=use_scale or False)
-    return options, {"g": g, "theta": "theta", "phi": phi, "out": "W.0" if bn_layer else "W",
-                     "bn": "W.1", "concat": "concat_project.0"}
+    bn_layer = f"{keys['bn']}.weight" in state
+    names = {"g": keys["g_sub" if sub_sample else "g"], "theta": keys["theta"],
+             "phi": keys["phi_sub" if sub_sample else "phi"], "out": keys["out" if bn_layer else "out_alone"],
+             "bn": keys["bn"], "concat": keys["concat"]}
+    return dict(mode=mode, sub_sample=sub_sample, bn_layer=bn_layer), names
+
+
+def _alexhex7(state, mode, use_scale):
+    options, names = _wang_layout("alexhex7", state, mode)
+    return dict(options, use_scale=use_scale or False), names
 
 
 def _mmcv(state, mode, use_scale):
-    sub_sample = "g.0.conv.weight" in state
-    g, phi = ("g.0.conv", "phi.0.conv") if sub_sample else ("g.conv", "phi.conv")
-    if "concat_project.conv.weight" in state:
-        mode = "concatenation"
-    elif "theta.conv.weight" not in state:
-        mode = "gaussian"
-    use_scale = (True if use_scale is None else use_scale) and mode == "embedded_gaussian"
-    options = dict(mode=mode, sub_sample=sub_sample, bn_layer="conv_out.bn.weight" in state, use_scale=use_scale)
-    return options, {"g": g, "theta": "theta.conv", "phi": phi, "out": "conv_out.conv", "bn": "conv_out.bn",
-                     "concat": "concat_project.conv"}
+    options, names = _wang_layout("mmcv", state, mode)
+    # mmcv scales the logits in embedded_gaussian mode only (its default use_scale=True)
+    use_scale = (True if use_scale is None else use_scale) and options["mode"] == "embedded_gaussian"
+    return dict(options, use_scale=use_scale), names
 
 
 def _timm(state, mode, use_scale):

@@ -2,6 +2,7 @@
 copies a caller did not ask for (fastnl/modules.py, "Layout")."""
 import pytest
 import torch
+from test_modules import randomize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnl
@@ -27,14 +28,6 @@ class Copies(TorchDispatchMode):
         return out
 
 
-def randomized(module):
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            torch.nn.init.normal_(m.weight)
-            torch.nn.init.normal_(m.bias)
-    return module
-
-
 def channels_last(x):
     return x.to(memory_format=FORMATS[x.dim()]) if x.dim() in FORMATS else x
 
@@ -44,7 +37,7 @@ def channels_last(x):
 @pytest.mark.parametrize("spatial", [(6, 5), (3, 4, 4)], ids=["2d", "3d"])
 def test_each_memory_format_gives_the_same_result_in_that_format(mode, sub_sample, spatial):
     dimension = len(spatial)
-    stage = randomized(fastnl.NonlocalStage(8, num_blocks=2, mode=mode, sub_sample=sub_sample,
+    stage = randomize(fastnl.NonlocalStage(8, num_blocks=2, mode=mode, sub_sample=sub_sample,
                                             dimension=dimension)).double()
     x = torch.randn(2, 8, *spatial, dtype=torch.float64)
     x_last = channels_last(x).requires_grad_()

@@ -9,6 +9,7 @@ of P - I stray outside the disc (zero up to rounding when the theory holds).
 """
 import torch
 
+from fastnl._probe import captured_forward
 from fastnl.app.spectrum.discover import nonlocal_modules
 from fastnl.reference import normalized_affinity
 
@@ -21,19 +22,7 @@ def capture_inputs(model, images):
     the stage input X, which alone determines the affinity of all its blocks.
     """
     modules = nonlocal_modules(model)
-    captured = {}
-    handles = [module.register_forward_pre_hook(
-        lambda _module, args, path=path: captured.__setitem__(path, args[0].detach()))
-        for path, module in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(images)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    captured = captured_forward(model, images, dict(modules), inputs=True)
     missing = [path for path, _ in modules if path not in captured]
     if missing:
         raise RuntimeError(f"nonlocal modules not called by the model's forward: {missing}")
