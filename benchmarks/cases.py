@@ -8,6 +8,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_extra_bytes
 
 import fastnl
 from fastnl import backends
@@ -61,11 +62,6 @@ def run_step(function, inputs, backward):
     return out
 
 
-def _status_bytes(field):
-    with open("/proc/self/status") as lines:
-        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
-
-
 if __name__ == "__main__":
     # Warm up on a tiny problem (libraries, thread pools, a cpp build), reset the
     # resident-set high-water mark (Linux clear_refs "5"), run one step, and report the
@@ -75,8 +71,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # the same few allocations whatever the thread count
     run_step(IMPLEMENTATIONS[name], make_inputs(SIZES[2], backward), backward)
     inputs = make_inputs(SIZES[size_index], requires_grad=backward)
-    before = _status_bytes("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    run_step(IMPLEMENTATIONS[name], inputs, backward)
-    print(_status_bytes("VmHWM:") - before)
+    print(peak_extra_bytes(lambda: run_step(IMPLEMENTATIONS[name], inputs, backward)))
