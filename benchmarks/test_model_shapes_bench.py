@@ -53,6 +53,8 @@ CASES = [(dtype_name, name) for dtype_name in DTYPES for name in IMPLEMENTATIONS
 
 
 def _choose(monkeypatch, implementation):
+    """Pin the bfloat16 path: "cpp" computes in float32, "cpp native" on the bf16 kernels."""
+    monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "float32")
     if implementation == "cpp native":
         if not cpp._bfloat16_kernels():
             pytest.skip(f"no native bfloat16 here: {cpp.bfloat16_path()}")

@@ -35,7 +35,7 @@ def insert_nonlocal(model, places, example_input, *, num_blocks=None, **options)
     one forward of `example_input` (in eval mode, without gradients). `num_blocks` None
     inserts a `NonlocalBlock` (Wang et al.), an int K a `NonlocalStage` of K blocks (Tao
     et al.); `options` are their other arguments (mode, inter_channels, sub_sample,
-    bn_layer, use_scale, backend). New modules are the identity, so the network computes
+    bn_layer, use_scale, scale, backend). New modules are the identity, so the network computes
     exactly what it did. The module is registered as `{place}.nonlocal_module`
     (state_dict keys `{place}.nonlocal_module.*`, the network's own keys unchanged); a
     Sequential place runs it as its last child, any other place through a forward hook.

@@ -23,8 +23,8 @@ Modules hold convolutions, BatchNorm and reshapes; the arithmetic is
 Layout: the modules work on position rows (B, N, C), the layout of the nonlocal ops.
 A channels-last input (`torch.channels_last`, or the 1D/3D equivalent) is such rows
 already, viewed without a copy, and the output is a channels-last view of the result
-rows; any other input is copied into rows once and the result copied back once into
-the input's (contiguous) format. Between the two, every 1x1 convolution is a GEMM on
+rows; any other input (contiguous, or strided otherwise) is copied into rows once and
+the result copied back once into a contiguous tensor. Between the two, every 1x1 convolution is a GEMM on
 the rows (`F.linear` with the convolution's own weight, so the parameters keep their
 names and shapes and old checkpoints load as they are), theta and phi are one GEMM, and
 BatchNorm and max-pooling run on channels-last views of the rows.
@@ -51,7 +51,12 @@ _POOL = {1: lambda: nn.MaxPool1d(2), 2: lambda: nn.MaxPool2d(2), 3: lambda: nn.M
 
 def _rows(x):
     """(B, C, *S) -> contiguous rows (B, N, C): a view of a channels-last x, else one copy."""
-    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1]).contiguous()
+    return x.movedim(1, -1).reshape(x.shape[0], math.prod(x.shape[2:]), x.shape[1]).contiguous()
+
+
+def _is_channels_last(x):
+    """Whether x (B, C, *S) is channels-last in memory, i.e. already rows."""
+    return x.movedim(1, -1).is_contiguous()
 
 
 def _spatial(rows, spatial):
@@ -73,9 +78,27 @@ class _ContiguousFromRows(torch.autograd.Function):
         return _rows(grad), None
 
 
+class _WeightMatrix(torch.autograd.Function):
+    """A 1x1 convolution's weight as its (C_out, C_in) matrix, with the gradient given back
+    in the parameter's exact strides: `module.to(memory_format=torch.channels_last)` gives
+    1x1 weights strides in their size-1 dimensions that a view's gradient would not have
+    (autograd counts them as matching), and DDP warns about (and copies) gradients whose
+    strides differ from its buckets' at all."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.shape, ctx.strides = weight.shape, weight.stride()
+        return weight.flatten(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_strided(ctx.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(
+            grad.view(ctx.shape))
+
+
 def _conv_weight(conv):
-    """A 1x1 convolution's weight (C_out, C_in, 1, ...) as the (C_out, C_in) matrix (a view)."""
-    return conv.weight.flatten(1)
+    """A 1x1 convolution's weight (C_out, C_in, 1, ...) as the (C_out, C_in) matrix."""
+    return _WeightMatrix.apply(conv.weight)
 
 
 def _pool_rows(pool, rows, spatial):
@@ -99,7 +122,7 @@ def _check_options(in_channels, inter_channels, mode, dimension):
 
 
 class Affinity(nn.Module):
-    """theta and phi of one mode: x (B, C, *S) -> query (B, N, D), key (B, M, D)."""
+    """theta and phi of one mode: rows (B, N, C) on a grid -> query (B, N, D), key (B, M, D)."""
 
     def __init__(self, in_channels, inter_channels, mode, sub_sample, dimension, use_scale, scale):
         super().__init__()
@@ -207,11 +230,11 @@ class _Nonlocal(nn.Module):
         return self.affinity(_rows(x), x.shape[2:])
 
     def _output(self, rows, x):
-        """Result rows (B, N, C) as (B, C, *S) in x's memory format: channels-last stays a
-        view; a contiguous x gets a contiguous result (the one copy out)."""
-        if x.is_contiguous():
-            return _ContiguousFromRows.apply(rows, x.shape[2:])
-        return _spatial(rows, x.shape[2:])
+        """Result rows (B, N, C) as (B, C, *S): a view for a channels-last x; for any other
+        x a contiguous result (the one copy out)."""
+        if _is_channels_last(x):
+            return _spatial(rows, x.shape[2:])
+        return _ContiguousFromRows.apply(rows, x.shape[2:])
 
     def _attend(self, query, key, value, center=None, log_normalizer=None):
         return nonlocal_attend(query, key, value, center, kernel=self.affinity.kernel,

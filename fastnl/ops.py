@@ -8,8 +8,8 @@ torch.compile), the backends own the arithmetic.
 
 Layout contract: the ops take inputs of any strides (they hand the backends contiguous
 copies where needed) and return contiguous tensors, and the fake kernels say exactly
-that. Inductor checks the real strides against the fake ones, and the tensors a module
-passes in are transposed views.
+that. Inductor checks the real strides against the fake ones, and callers may pass
+transposed views (a (B, C, N) tensor seen as (B, N, C)).
 """
 from typing import Optional
 

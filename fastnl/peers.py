@@ -16,7 +16,8 @@ the same function (`NonlocalBlock.from_state_dict(state, layout)`):
   the reduced one) when use_scale (timm's default).
 
 Which affinity a dot product or embedded gaussian block used is not in its keys: pass
-`mode` (default "embedded_gaussian"); gaussian and concatenation are recognised.
+`mode` (default "embedded_gaussian"); gaussian and concatenation are recognised, and a
+`mode` the keys contradict is an error.
 """
 import torch
 
@@ -51,9 +52,15 @@ def _wang_layout(layout, state, mode):
     keys = _WANG_KEYS[layout]
     sub_sample = f"{keys['g_sub']}.weight" in state
     if f"{keys['concat']}.weight" in state:
-        mode = "concatenation"
+        found = "concatenation"
     elif f"{keys['theta']}.weight" not in state:
-        mode = "gaussian"
+        found = "gaussian"
+    else:  # embedded_gaussian or dot_product: the same weights
+        found = mode if mode in ("embedded_gaussian", "dot_product") else None
+    if mode is not None and found != mode:
+        raise ValueError(f"mode={mode!r} does not match these {layout} weights "
+                         f"({'a ' + found + ' block' if found else 'an embedded_gaussian or dot_product block'})")
+    mode = found or "embedded_gaussian"
     bn_layer = f"{keys['bn']}.weight" in state
     names = {"g": keys["g_sub" if sub_sample else "g"], "theta": keys["theta"],
              "phi": keys["phi_sub" if sub_sample else "phi"], "out": keys["out" if bn_layer else "out_alone"],
@@ -96,7 +103,7 @@ def block_from_state_dict(state, layout, *, mode=None, use_scale=None, backend=N
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     try:
-        options, names = LAYOUTS[layout](state, mode or "embedded_gaussian", use_scale)
+        options, names = LAYOUTS[layout](state, mode, use_scale)
         state[f"{names['g']}.weight"]
     except KeyError as missing:
         raise KeyError(f"not a {layout} nonlocal block's state_dict: no {missing} "

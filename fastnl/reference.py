@@ -26,9 +26,7 @@ def aggregate(query, key, value, *, kernel="softmax", scale=1.0):
     return normalized_affinity(query, key, kernel=kernel, scale=scale) @ value
 
 
-def diffuse(query, key, value, center=None, *, kernel="softmax", scale=1.0):
-    """y_i = (1 / C_i) sum_j w(i, j) (v_j - c_i), c = center (B, N, E), default value."""
-    if center is None:
-        center = value
+def diffuse(query, key, value, center, *, kernel="softmax", scale=1.0):
+    """y_i = (1 / C_i) sum_j w(i, j) (v_j - c_i), c = center (B, N, E)."""
     affinity = normalized_affinity(query, key, kernel=kernel, scale=scale)
     return affinity @ value - affinity.sum(dim=-1, keepdim=True) * center

@@ -125,7 +125,7 @@ import torch, fastnl
 for backend in ('triton', 'cuda'):
     q, k = torch.randn(2, 333, 8, device='cuda'), torch.randn(2, 333, 8, device='cuda')
     v = torch.randn(2, 333, 48, device='cuda', requires_grad=True)
-    fastnl.nonlocal_diffuse(q, k, v, backend=backend).sum().backward()
+    fastnl.nonlocal_diffuse(q, k, v, v, backend=backend).sum().backward()
 torch.cuda.synchronize()
 print('memcheck run finished')" > "$OUT/sanitizer.log" 2>&1
   local status=$?

@@ -54,12 +54,14 @@ def test_each_memory_format_gives_the_same_result_in_that_format(mode, sub_sampl
 
 @pytest.mark.parametrize("module", ["block", "stage"])
 def test_channels_last_is_served_without_layout_copies(module):
-    """The only copies are the query and key halves of the one theta/phi projection."""
+    """The only copies of activations are the query and key halves of the one theta/phi
+    projection (the 1x1 weights' gradients are copied into their parameters' strides)."""
     layer = fastnl.NonlocalBlock(16) if module == "block" else fastnl.NonlocalStage(16, num_blocks=3)
     x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
     with Copies() as seen:
         layer(x).sum().backward()
-    assert seen.shapes == [(2, 64, 8), (2, 64, 8)]
+    weights = {tuple(parameter.shape) for parameter in layer.parameters()}
+    assert [shape for shape in seen.shapes if shape not in weights] == [(2, 64, 8), (2, 64, 8)]
 
 
 def test_a_contiguous_input_is_copied_once_in_and_once_out():
@@ -84,3 +86,33 @@ def test_a_checkpoint_does_not_depend_on_the_layout_it_was_trained_in():
     trained.eval(), fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(images.contiguous()), trained(images), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_gradients_keep_the_parameters_strides():
+    """DDP's buckets follow the parameters' strides; a gradient in other strides is
+    copied, with a warning."""
+    stage = fastnl.NonlocalStage(16, num_blocks=2, sub_sample=True).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    stage(x).backward(torch.randn_like(x))
+    for name, parameter in stage.named_parameters():
+        assert parameter.grad.stride() == parameter.stride(), name
+
+
+@pytest.mark.parametrize("make", [lambda x: x[..., ::2], lambda x: x.transpose(2, 3)], ids=["sliced", "transposed"])
+def test_other_strided_inputs_get_a_contiguous_result(make):
+    stage = randomize(fastnl.NonlocalStage(8, num_blocks=2)).double()
+    x = make(torch.randn(2, 8, 6, 10, dtype=torch.float64))
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    out = stage(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, stage(x.contiguous()), rtol=1e-12, atol=1e-12)
+
+
+def test_one_dimensional_and_empty_batches():
+    block = randomize(fastnl.NonlocalBlock(8, dimension=1, sub_sample=True)).double()
+    x = torch.randn(2, 8, 9, dtype=torch.float64)
+    assert block(x).shape == x.shape
+    x_last = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, L) with C innermost
+    torch.testing.assert_close(block(x_last), block(x), rtol=1e-12, atol=1e-12)
+    empty = torch.randn(0, 8, 4, 4)
+    assert fastnl.NonlocalStage(8)(empty).shape == empty.shape

@@ -47,7 +47,7 @@ def test_opcheck_backward_ops(backend):
 
 
 def _transposed(tensor):
-    """The same values in a (B, N, C) view of a (B, C, N) tensor, as a module passes them."""
+    """The same values in a (B, N, C) view of a (B, C, N) tensor, as a caller may pass them."""
     return tensor.transpose(1, 2).contiguous().transpose(1, 2)
 
 

@@ -140,6 +140,15 @@ def test_foreign_keys_are_a_clear_error():
         fastnl.NonlocalBlock.from_state_dict(state, "keras")
 
 
+def test_a_mode_the_keys_contradict_is_an_error():
+    state = peer_state("alexhex7", "embedded_gaussian", 8, 4, 2, False, True)
+    with pytest.raises(ValueError, match="mode='gaussian' does not match these alexhex7 weights"):
+        fastnl.NonlocalBlock.from_state_dict(state, "alexhex7", mode="gaussian")
+    concat = peer_state("mmcv", "concatenation", 8, 4, 2, False, True)
+    with pytest.raises(ValueError, match="a concatenation block"):
+        fastnl.NonlocalBlock.from_state_dict(concat, "mmcv", mode="dot_product")
+
+
 def test_an_explicit_scale_and_use_scale_exclude_each_other():
     assert fastnl.NonlocalBlock(8, scale=0.25).affinity.scale == 0.25
     with pytest.raises(ValueError, match="not both"):

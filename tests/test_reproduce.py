@@ -34,3 +34,13 @@ def test_the_report_is_the_runs_records_and_states_the_schedule(image_folder, tm
     (out / "table1.png").unlink()
     assert main(["table1", "--rows", "baseline,proposed-2", "--seeds", "0", "--out", str(out), "--report-only"]) == 0
     assert (out / "table1.md").read_text() == table and (out / "table1.png").stat().st_size > 0
+
+
+def test_runs_recorded_before_the_code_version_still_make_a_table():
+    from fastnl.app.reproduce import markdown_table
+
+    config = {"epochs": 164, "batch_size": 128, "lr": 0.1, "gamma": 0.1, "amp": None, "channels_last": False,
+              "milestones": [81, 122], "seed": 0, "run": {"device": "cpu"}}
+    record = {"config": config, "history": [{"epoch_time_s": 3600.0}], "final": {"test_error": 8.0, "epoch": 164}}
+    table = markdown_table({"baseline": [record]})
+    assert "code not recorded" in table and "| baseline | 8.19 | 8.00 |" in table and "| 1.00 |" in table

@@ -115,3 +115,10 @@ def test_a_reduced_schedule_scales_the_milestones_and_a_resume_keeps_them(image_
     # resumed for longer: the milestones stay those the run started with
     assert main([*base, "--epochs", "40", "--max-steps", "2", "--resume"]) == 0
     assert json.loads((out / "config.json").read_text())["milestones"] == [10, 15]
+
+
+def test_scaled_milestones_are_the_recipes_at_164_and_distinct_when_short():
+    from fastnl.app.config import scaled_milestones
+
+    assert scaled_milestones(164) == (81, 122) and scaled_milestones(20) == (10, 15)
+    assert scaled_milestones(2) == (1,) and scaled_milestones(1) == (1,)

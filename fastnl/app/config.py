@@ -68,8 +68,9 @@ RECIPE_EPOCHS, RECIPE_MILESTONES = 164, (81, 122)
 
 
 def scaled_milestones(epochs):
-    """The recipe's lr milestones at the same fractions of an `epochs`-long run."""
-    return tuple(max(1, round(milestone * epochs / RECIPE_EPOCHS)) for milestone in RECIPE_MILESTONES)
+    """The recipe's lr milestones at the same fractions of an `epochs`-long run (distinct:
+    a run too short for two drops gets one)."""
+    return tuple(sorted({max(1, round(milestone * epochs / RECIPE_EPOCHS)) for milestone in RECIPE_MILESTONES}))
 
 
 # settings that may change when a run is resumed: where and how long it runs, not what

@@ -91,7 +91,8 @@ def _resolved(config, saved, device):
     checkpoint's choices, else the recipe's milestones scaled to --epochs and the
     channels-last layout on CPU. Stored so in config.json and the checkpoint."""
     if config.milestones is None:
-        config = replace(config, milestones=saved.milestones if saved else scaled_milestones(config.epochs))
+        stored = saved.milestones if saved else None
+        config = replace(config, milestones=stored if stored is not None else scaled_milestones(config.epochs))
     if config.channels_last is None:
         config = replace(config, channels_last=saved.channels_last if saved else device.type == "cpu")
     return config

@@ -60,12 +60,13 @@ def read_run(run_dir):
 
 def _setting(config):
     """What every row of one table must share, in words."""
-    precision = {None: "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[config["amp"]]
-    layout = ", channels-last" if config["channels_last"] else ""
-    milestones = ", ".join(str(m) for m in config["milestones"])
+    precision = {None: "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[config.get("amp")]
+    layout = ", channels-last" if config.get("channels_last") else ""
+    milestones = ", ".join(str(m) for m in config.get("milestones") or [])
+    # runs written before the code version was recorded say so
     return (f"{config['epochs']} epochs, batch {config['batch_size']}, lr {config['lr']} x {config['gamma']} "
             f"after epochs {milestones}; {precision}{layout}; on {config['run']['device']}; "
-            f"code {config['run']['code_version']}")
+            f"code {config['run'].get('code_version', 'not recorded')}")
 
 
 def markdown_table(runs):

@@ -48,7 +48,10 @@ def code_version():
         dirty = git("status", "--porcelain", "--untracked-files=no").strip()
         return git("rev-parse", "HEAD").strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return f"fastnl {importlib.metadata.version('fastnl')}"
+        try:
+            return f"fastnl {importlib.metadata.version('fastnl')}"
+        except importlib.metadata.PackageNotFoundError:  # a copied tree, neither a checkout nor installed
+            return "unknown"
 
 
 def epoch_line(row):

@@ -64,7 +64,8 @@ def parser():
     p.add_argument("--seed", type=int, default=default.seed)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1; None: cuda if available")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                   help="autocast dtype; bf16 is the fast mode on CPUs with AVX512-BF16 and on GPUs")
+                   help="autocast dtype; bf16 is the fast mode on GPUs and on CPUs with AMX (without AMX, "
+                        "oneDNN's bf16 convolutions are slower than float32 ones)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format for model and inputs; None: on for CPU runs (faster there, "
                         "the same float32 numerics), off elsewhere")

@@ -159,7 +159,9 @@ def _as_compute(*tensors, native=(torch.float32, torch.float64)):
 
 
 def _as_softmax_operands(*tensors):
-    native = (torch.float32, torch.float64, torch.bfloat16) if _bfloat16_native() else (torch.float32, torch.float64)
+    native = (torch.float32, torch.float64)
+    if tensors[0].dtype == torch.bfloat16 and _bfloat16_native():  # the choice matters for bfloat16 only
+        native = (*native, torch.bfloat16)
     return _as_compute(*tensors, native=native)
 
 
