@@ -31,10 +31,13 @@ def ratio(group, slower, faster):
     return None if slow is None or fast is None else slow / fast
 
 
-def bar_lines(bars):
-    """Lines for (name, measured ratio or None, needed ratio) rows; untimed rows are left out."""
-    lines = [f"{'bar':<52}{'ratio':>8}{'needed':>8}"]
-    return lines + [f"{name:<52}{value:>8.2f}{needed:>8.2f}" for name, value, needed in bars if value is not None]
+def bar_lines(bars, lower_is_better=False):
+    """Lines for (name, measured ratio or None, bar or None) rows: the ratio must reach the
+    bar, or stay at or below it with `lower_is_better`; untimed rows are left out."""
+    sense = "at most" if lower_is_better else "needed"
+    lines = [f"{'bar':<52}{'ratio':>8}{sense:>9}"]
+    return lines + [f"{name:<52}{value:>8.2f}{'-' if bar is None else f'{bar:.2f}':>9}"
+                    for name, value, bar in bars if value is not None]
 
 
 def section(title):

@@ -8,7 +8,7 @@ backend, cpp included, at all three paper sizes. This file adds what is particul
 to the cpp kernels: a stage's chain sharing statistics, the dot kernel at N = 16384,
 peak memory of one step (conftest.peak_extra_bytes), and the machine's exp and sgemm rates.
 
-After the timings a summary prints the ratios behind the issue's bars (cpp vs
+After the timings a summary prints the ratios against the speed bars (cpp vs
 reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
 N = 16384) and the fused kernel's time against its exps and FLOPs at the machine's rates.
 All float32, fastnl's default scale 1; SDPA is given the same scale.
@@ -135,7 +135,7 @@ def _time(function):
     return perf_counter() - start
 
 
-@summary.section("fastnl cpp backend: the issue's bars (medians from the groups above)")
+@summary.section("fastnl cpp backend: the speed bars (medians from the groups above)")
 def _summary_lines():
     batch, positions, width, value_width = BAR_SIZE.values()
     main = f"diffuse softmax fwd+bwd {size_name(BAR_SIZE)}"

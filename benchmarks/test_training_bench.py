@@ -112,7 +112,7 @@ def test_stage_against_its_op_calls(benchmark, record, precision, implementation
     record(benchmark, implementation)
 
 
-@summary.section("fastnl training speed: the issue's bars (medians from the groups above)")
+@summary.section("fastnl training speed: the bars (medians from the groups above; lower is better)")
 def _bars():
     stage = f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} {STAGE_SIDE}x{STAGE_SIDE}"
     bars = [
@@ -124,9 +124,7 @@ def _bars():
         ("stage / its op calls, float32", summary.ratio(f"{stage} float32", "stage", "op calls"), 1.5),
         ("stage / its op calls, bf16", summary.ratio(f"{stage} bf16", "stage", "op calls"), 1.5),
     ]
-    lines = [f"{'ratio (lower is better)':<52}{'measured':>10}{'at most':>9}"]
-    lines += [f"{name:<52}{value:>10.2f}{'-' if bar is None else f'{bar:.2f}':>9}"
-              for name, value, bar in bars if value is not None]
+    lines = summary.bar_lines(bars, lower_is_better=True)
     for setting in SETTINGS:
         baseline = summary.median(_group(setting), "baseline")
         if baseline is not None:
