@@ -1,4 +1,4 @@
-"""The README's "Using fastnl in your own model" examples run as written."""
+"""The README's Quickstart and "Using fastnl in your own model" examples run as written."""
 import re
 from pathlib import Path
 
@@ -7,9 +7,14 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _examples():
-    section = README.read_text().split("## Using fastnl in your own model", 1)[1].split("\n## ", 1)[0]
+def _examples(heading="Using fastnl in your own model"):
+    section = README.read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_quickstart_runs():
+    (quickstart,) = _examples("Quickstart")
+    exec(compile(quickstart, "README quickstart", "exec"), {})
 
 
 def test_the_section_has_one_example_per_family():
