@@ -11,14 +11,16 @@ from fastnl import affinities, backends, ops, reference
 from fastnl._checks import check_log_normalizer, check_operands
 
 
-def _autocast(*tensors):
-    """The operands as autocast would hand them to a matmul (unchanged outside autocast)."""
-    first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in tensors)
+def _operands(query, key, value, center, kernel, scale):
+    """The operands as autocast would hand them to a matmul (unchanged outside autocast),
+    then checked: errors name the argument."""
+    if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value, center = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (query, key, value, center))
+    check_operands(query, key, value, center, kernel, scale)
+    return query, key, value, center
 
 
 def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1.0, backend=None,
@@ -32,8 +34,7 @@ def nonlocal_attend(query, key, value, center=None, *, kernel="softmax", scale=1
     `NonlocalStage` computes it once and all its blocks reuse it. It is a cache, not
     a differentiable output; gradients of query and key are exact either way.
     """
-    query, key, value, center = _autocast(query, key, value, center)
-    check_operands(query, key, value, center, kernel, scale)
+    query, key, value, center = _operands(query, key, value, center, kernel, scale)
     if log_normalizer is not None:
         check_log_normalizer(log_normalizer, query)
     return _attend(query, key, value, center, kernel, scale, backend, log_normalizer)
@@ -68,8 +69,7 @@ def nonlocal_aggregate(query, key, value, *, kernel="softmax", scale=1.0, backen
     backend None picks the fastest available for the device; "reference" materialises
     the N x M matrix; "torch" is memory-light plain PyTorch (see fastnl.backends).
     """
-    query, key, value = _autocast(query, key, value)
-    check_operands(query, key, value, None, kernel, scale)
+    query, key, value, _ = _operands(query, key, value, None, kernel, scale)
     return _attend(query, key, value, None, kernel, scale, backend)[0]
 
 
@@ -84,6 +84,5 @@ def nonlocal_diffuse(query, key, value, center, *, kernel="softmax", scale=1.0, 
     if center is None:
         raise TypeError("nonlocal_diffuse needs a center (B, N, E): pass value for Tao et al.'s "
                         "v_j - v_i, or call nonlocal_aggregate for no center")
-    query, key, value, center = _autocast(query, key, value, center)
-    check_operands(query, key, value, center, kernel, scale)
+    query, key, value, center = _operands(query, key, value, center, kernel, scale)
     return _attend(query, key, value, center, kernel, scale, backend)[0]

@@ -24,11 +24,11 @@ import torch
 _BATCH_NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _conv(ours, theirs, state, mapping, bias=True):
-    mapping[f"{ours}.weight"] = state[f"{theirs}.weight"]
-    if bias:
-        weight = state[f"{theirs}.weight"]
-        mapping[f"{ours}.bias"] = state.get(f"{theirs}.bias", weight.new_zeros(weight.shape[0]))
+def _conv(ours, theirs, state, mapping):
+    """A 1x1 convolution's weight and bias; a peer's bias-less conv (mmcv before a norm) gets zeros."""
+    weight = state[f"{theirs}.weight"]
+    mapping[f"{ours}.weight"] = weight
+    mapping[f"{ours}.bias"] = state.get(f"{theirs}.bias", weight.new_zeros(weight.shape[0]))
 
 
 def _batch_norm(ours, theirs, state, mapping):
