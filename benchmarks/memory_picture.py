@@ -8,8 +8,8 @@ feature-map size: fastnl (the default CPU backend), the materialised block
 
 Cases: 2D maps, B = 8, C = 64, 16x16 to 128x128 (NonlocalBlock, dimension 2) and video
 clips, B = 2, C = 256, T = 8 at 14x14, 28x28 and 56x56 (dimension 3); embedded gaussian,
-C' = C / 2. Each (case, implementation) runs in a fresh process: a warm-up step on the
-smallest case, then one step whose resident-set peak above the memory before it is the
+C' = C / 2. Each (case, implementation) runs in a fresh process: a warm-up step on a
+tiny map (2 positions a side), then one step whose resident-set peak above the memory before it is the
 memory, then timed steps (median). The materialised block keeps N x N matrices: its
 peak at the largest size it ran, in matrices of B N^2 4 bytes, predicts the next, and
 where that is more than MEMORY_SHARE of this machine's memory it is not run: the
@@ -61,9 +61,12 @@ def _step(block, case):
     return lambda: block(x).backward(torch.ones(x.shape))
 
 
-def _measure_one(smallest, case, implementation):
-    """In this (fresh) process: {"peak_bytes", "seconds"} of one case, after a warm-up on `smallest`."""
-    _step(_block(smallest, implementation), smallest)()
+def _measure_one(case, implementation):
+    """In this (fresh) process: {"peak_bytes", "seconds"} of one case. The warm-up (libraries,
+    thread pools, a build) runs on a tiny map: memory it frees stays with the process and
+    would hide as much of the measured step's peak."""
+    tiny = {**case, "spatial": (2,) * len(case["spatial"])}
+    _step(_block(tiny, implementation), tiny)()
     block = _block(case, implementation)
     peak = peak_extra_bytes(_step(block, case))
     step, times = _step(block, case), []
@@ -91,8 +94,8 @@ def measure(out, families=FAMILIES, limit_bytes=None):
                 if implementation == "materialised" and matrices and matrices * _matrix_bytes(case) > limit:
                     row[implementation] = {"peak_bytes": matrices * _matrix_bytes(case), "computed": True}
                     continue
-                done = subprocess.run([sys.executable, __file__, "one", json.dumps(cases[0]), json.dumps(case),
-                                       implementation], capture_output=True, text=True, check=True)
+                done = subprocess.run([sys.executable, __file__, "one", json.dumps(case), implementation],
+                                      capture_output=True, text=True, check=True)
                 row[implementation] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"{family} {case['spatial']} {implementation}: {row[implementation]}", file=sys.stderr)
             measured = row["materialised"]
@@ -146,9 +149,9 @@ def plot(results_path, figure_path):
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "one":
-        smallest, case = (json.loads(text) for text in sys.argv[2:4])
-        case["spatial"], smallest["spatial"] = tuple(case["spatial"]), tuple(smallest["spatial"])
-        print(json.dumps(_measure_one(smallest, case, sys.argv[4])))
+        case = json.loads(sys.argv[2])
+        case["spatial"] = tuple(case["spatial"])
+        print(json.dumps(_measure_one(case, sys.argv[3])))
     elif command == "measure":
         measure(sys.argv[2])
     elif command == "plot":
