@@ -26,15 +26,24 @@ def _output_shapes(model, places, example_input):
     return {place: out.shape if isinstance(out, torch.Tensor) else type(out).__name__ for place, out in outputs.items()}
 
 
-def insert_nonlocal(model, places, example_input, *, num_blocks=None, **options):
+def _new_module(num_blocks, stacked, options):
+    if num_blocks is not None:
+        return NonlocalStage(num_blocks=num_blocks, **options)
+    if stacked is not None:
+        return nn.Sequential(*(NonlocalBlock(**options) for _ in range(stacked)))
+    return NonlocalBlock(**options)
+
+
+def insert_nonlocal(model, places, example_input, *, num_blocks=None, stacked=None, **options):
     """Apply a new nonlocal module to the output of each submodule named in `places`.
 
     places: dotted names as in `model.named_modules()` (e.g. "layer2.1" for the second
     bottleneck of a torchvision ResNet's layer2); each gets its own module, right after
     it, on its output (B, C, *S). C and the dimension (1-3 spatial axes) are read from
-    one forward of `example_input` (in eval mode, without gradients). `num_blocks` None
-    inserts a `NonlocalBlock` (Wang et al.), an int K a `NonlocalStage` of K blocks (Tao
-    et al.); `options` are their other arguments (mode, inter_channels, sub_sample,
+    one forward of `example_input` (in eval mode, without gradients). By default each
+    place gets one `NonlocalBlock` (Wang et al.); `num_blocks=K` a `NonlocalStage` of K
+    blocks (Tao et al.); `stacked=K` K `NonlocalBlock`s in a row, an `nn.Sequential`
+    (Tao et al.'s "original-K" rows); `options` are the modules' other arguments (mode, inter_channels, sub_sample,
     bn_layer, use_scale, scale, backend). New modules are the identity, so the network computes
     exactly what it did. The module is registered as `{place}.nonlocal_module`
     (state_dict keys `{place}.nonlocal_module.*`, the network's own keys unchanged); a
@@ -42,6 +51,10 @@ def insert_nonlocal(model, places, example_input, *, num_blocks=None, **options)
     Returns `model`, changed in place.
     """
     places = list(places)
+    if num_blocks is not None and stacked is not None:
+        raise TypeError("pass num_blocks (a NonlocalStage) or stacked (NonlocalBlocks in a row), not both")
+    if stacked is not None and stacked < 1:
+        raise ValueError(f"stacked must be at least 1, got {stacked}")
     given = [name for name in _INFERRED if name in options]
     if given:
         raise TypeError(f"insert_nonlocal infers {', '.join(given)} from each place's output; do not pass them")
@@ -69,7 +82,7 @@ def insert_nonlocal(model, places, example_input, *, num_blocks=None, **options)
             raise ValueError(f"{place!r} outputs {shape if isinstance(shape, str) else tuple(shape)}; a nonlocal "
                              f"module needs a (B, C, *S) tensor with 1 to 3 spatial axes")
         kwargs = dict(options, in_channels=shape[1], dimension=len(shape) - 2)
-        inserted = NonlocalBlock(**kwargs) if num_blocks is None else NonlocalStage(num_blocks=num_blocks, **kwargs)
+        inserted = _new_module(num_blocks, stacked, kwargs)
         module.add_module(NAME, inserted.to(next(module.parameters(), example_input)))
         if not isinstance(module, nn.Sequential):
             module.register_forward_hook(_run_inserted)

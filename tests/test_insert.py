@@ -50,6 +50,21 @@ def test_a_stage_goes_after_a_sequential_as_its_last_child():
     assert torch.equal(model(images), before)
 
 
+def test_stacked_blocks_are_a_sequential_in_a_row():
+    model = _resnet18()
+    images = torch.randn(2, 3, 64, 64)
+    before = model(images)
+    fastnl.insert_nonlocal(model, ["layer2.0"], images, stacked=3, mode="dot_product")
+    stacked = getattr(model.layer2[0], NAME)
+    assert isinstance(stacked, torch.nn.Sequential) and len(stacked) == 3
+    assert all(isinstance(block, fastnl.NonlocalBlock) and block.mode == "dot_product" for block in stacked)
+    assert torch.equal(model(images), before)
+    with pytest.raises(TypeError, match="not both"):
+        fastnl.insert_nonlocal(_resnet18(), ["layer2.0"], images, stacked=2, num_blocks=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        fastnl.insert_nonlocal(_resnet18(), ["layer2.0"], images, stacked=0)
+
+
 def test_video_r3d_18_gets_3d_blocks_that_pool_space_only():
     torch.manual_seed(0)
     model = torchvision.models.video.r3d_18(num_classes=5).eval()

@@ -1,8 +1,12 @@
-"""Architectures: standard parameter counts, every preset, the placement format."""
+"""Architectures: standard parameter counts, every preset, the placement format, old checkpoints."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from fastnl import NonlocalBlock, NonlocalStage
+from fastnl.insert import NAME
 from fastnl.models import ARCHS, PRESETS, build_model
 from fastnl.models.placement import parse
 
@@ -38,14 +42,39 @@ def test_forward_shape():
 def test_presets_build_and_start_as_baseline(preset):
     torch.manual_seed(0)
     model = build_model(placement=preset).eval()
-    x = torch.randn(1, 3, 32, 32)
-    body = model.stem(x)
-    for layer in model.layers:
-        out = layer(body)
-        if isinstance(layer, (NonlocalStage, torch.nn.Sequential)):
-            torch.testing.assert_close(out, body)  # same shape; new nonlocal modules are the identity
-        body = out
-    assert model(x).shape == (1, 10)
+    baseline = build_model().eval()
+    baseline.load_state_dict({key: value for key, value in model.state_dict().items() if NAME not in key})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), baseline(x), rtol=0, atol=0)  # new nonlocal modules are the identity
+
+
+# state_dict keys of build_model(arch, placement) at commit 5df9750, when the nonlocal
+# modules were items of `layers` between the residual blocks:
+#   {f"{arch} {placement}": list(build_model(arch, placement).state_dict()) for ...}
+KEYS_BEFORE_NESTING = json.loads((Path(__file__).parent / "data" / "model_keys_before_nesting.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(KEYS_BEFORE_NESTING))
+def test_checkpoints_from_before_nesting_load(case):
+    arch, placement = case.split(" ")
+    torch.manual_seed(0)
+    trained = build_model(arch, placement)
+    with torch.no_grad():
+        for tensor in trained.state_dict().values():
+            tensor.copy_(torch.randint_like(tensor, 1000) if tensor.is_floating_point() else tensor + 7)
+    state = trained.state_dict()
+    # the same order then and now, which is what an optimizer's saved states rely on
+    old = dict(zip(KEYS_BEFORE_NESTING[case], state.values(), strict=True))
+    fresh = build_model(arch, placement)
+    fresh.load_state_dict(old)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in trained.parameters()]
+
+
+def test_a_checkpoint_of_another_placement_is_refused():
+    with pytest.raises(RuntimeError, match="size mismatch|Unexpected key|Missing key"):
+        build_model(placement="original-2").load_state_dict(build_model(placement="proposed-3").state_dict())
 
 
 @pytest.mark.parametrize("preset, blocks, stages", [

@@ -255,17 +255,20 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     first, second = result["checkpoints"]
     assert (first["label"], second["label"]) == ("original-2/checkpoint", "proposed-2/checkpoint")
-    assert [block["name"] for block in first["blocks"]] == ["layers.5.0.branches.0", "layers.5.1.branches.0"]
-    assert [block["name"] for block in second["blocks"]] == ["layers.5.branches.0", "layers.5.branches.1"]
+    assert [block["name"] for block in first["blocks"]] == ["layers.4.nonlocal_module.0.branches.0",
+                                                             "layers.4.nonlocal_module.1.branches.0"]
+    assert [block["name"] for block in second["blocks"]] == ["layers.4.nonlocal_module.branches.0",
+                                                              "layers.4.nonlocal_module.branches.1"]
     assert all(len(block["eigenvalues"]) == 8 for block in first["blocks"] + second["blocks"])
     assert first["images"] == {"dataset": "cifar10", "split": "test", "indices": [0, 5]}
-    assert [record["module"] for record in first["affinity"]] == ["layers.5.0", "layers.5.1"]
-    assert [record["module"] for record in second["affinity"]] == ["layers.5"]
+    assert [record["module"] for record in first["affinity"]] == ["layers.4.nonlocal_module.0",
+                                                                  "layers.4.nonlocal_module.1"]
+    assert [record["module"] for record in second["affinity"]] == ["layers.4.nonlocal_module"]
     for record in first["affinity"] + second["affinity"]:
         assert (record["images"], record["positions"], record["keys"]) == (2, 256, 256)
         assert record["row_sum_error"] <= 1e-12 and record["disc_distance"] <= 1e-6
     printed = capsys.readouterr().out
-    assert "layers.5.branches.1" in printed and "spectrum.json" in printed
+    assert "layers.4.nonlocal_module.branches.1" in printed and "spectrum.json" in printed
 
 
 def test_cli_weights_only(tmp_path):

@@ -4,12 +4,12 @@
 the placement format and the Table 1 presets are documented in
 `fastnl.models.placement`.
 """
-from torch import nn
+import torch
 
+from fastnl.insert import insert_nonlocal
 from fastnl.models import placement as placements
 from fastnl.models.placement import PRESETS
 from fastnl.models.resnet import WIDTHS, CifarResNet
-from fastnl.modules import NonlocalBlock, NonlocalStage
 
 # name -> (depth, pre-activation)
 ARCHS = {
@@ -24,24 +24,28 @@ def build_model(arch="preresnet20", placement="baseline", num_classes=10, mode="
                 backend=None):
     """A CIFAR network `arch` with nonlocal modules at `placement` (preset name or spec).
 
-    Every nonlocal module uses kernel `mode` and op `backend` (None: the device's
-    default); all are the identity when new, so each model starts as its baseline.
+    The modules go in with `fastnl.insert_nonlocal`, each after its residual block
+    (`layers.{i}.nonlocal_module`); every one uses kernel `mode` and op `backend` (None:
+    the device's default); all are the identity when new, so each model starts as its
+    baseline.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     depth, preact = ARCHS[arch]
-    inserts = {}
-    for item in placements.parse(placement):
-        if not 1 <= item.stage <= len(WIDTHS):
-            raise ValueError(f"stage {item.stage} out of range 1..{len(WIDTHS)} in {placement!r}")
-        channels = WIDTHS[item.stage - 1]
-        if item.kind == "proposed":
-            module = NonlocalStage(channels, num_blocks=item.count, mode=mode, backend=backend)
-        else:
-            module = nn.Sequential(*(NonlocalBlock(channels, mode=mode, backend=backend)
-                                     for _ in range(item.count)))
-        inserts[(item.stage, item.block)] = module
-    return CifarResNet(depth, num_classes=num_classes, preact=preact, inserts=inserts)
+    model = CifarResNet(depth, num_classes=num_classes, preact=preact)
+    items = placements.parse(placement)
+    blocks_per_stage = len(model.layers) // len(WIDTHS)
+    for item in items:
+        if not (1 <= item.stage <= len(WIDTHS) and 1 <= item.block <= blocks_per_stage):
+            raise ValueError(f"no slot {item.stage}.{item.block} (stage {item.stage}, block {item.block}) in "
+                             f"{placement!r}: a {depth}-layer network has stages 1-{len(WIDTHS)} of blocks "
+                             f"1-{blocks_per_stage}")
+    example = torch.zeros(1, 3, 32, 32)
+    for item in items:
+        place = f"layers.{(item.stage - 1) * blocks_per_stage + item.block - 1}"
+        count = {"num_blocks": item.count} if item.kind == "proposed" else {"stacked": item.count}
+        insert_nonlocal(model, [place], example, mode=mode, backend=backend, **count)
+    return model
 
 
 __all__ = ["ARCHS", "PRESETS", "build_model"]

@@ -2,7 +2,7 @@
 
 A placement spec is a comma-separated list of items `KIND[:COUNT]@STAGE.BLOCK`:
 
-- KIND `original`: COUNT `fastnl.NonlocalBlock`s stacked (Wang et al.);
+- KIND `original`: COUNT `fastnl.NonlocalBlock`s stacked, an `nn.Sequential` (Wang et al.);
   KIND `proposed`: one `fastnl.NonlocalStage(num_blocks=COUNT)` (Tao et al.).
   COUNT defaults to 1.
 - `@STAGE.BLOCK`: right after residual block BLOCK of residual stage STAGE (both

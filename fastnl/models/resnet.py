@@ -9,11 +9,18 @@ pre-activation one, where it reads the block's pre-activated input (as in the au
 fb.resnet.torch preresnet.lua). For 10 classes this gives 272,474 parameters for
 resnet20 and 272,282 for preresnet20 (tests/test_models.py checks both).
 
-`inserts` maps a slot (stage, block), both 1-based, to a module run right after that
-residual block (on its `WIDTHS[stage - 1]`-channel output); the nonlocal placements of
-fastnl.models.placement fill it.
+`layers` holds the residual blocks only; fastnl.models.build_model adds nonlocal
+modules under them (`layers.{i}.nonlocal_module`, run on block i's output). Checkpoints
+written before that kept the modules as items of `layers`, between the blocks
+(`layers.{i}` counting both); they load unchanged: `load_state_dict` renames their keys
+(`_nested_nonlocal_keys`). Parameters come in the same order either way, so the
+optimizer states saved with them load too.
 """
+import re
+
 from torch import nn
+
+from fastnl.insert import NAME
 
 WIDTHS = (16, 32, 64)
 
@@ -66,12 +73,11 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """(B, 3, 32, 32) -> logits (B, num_classes); `preact` picks PreResNet or ResNet."""
 
-    def __init__(self, depth, num_classes=10, preact=True, inserts=None):
+    def __init__(self, depth, num_classes=10, preact=True):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
         blocks_per_stage = (depth - 2) // 6
-        inserts = dict(inserts or {})
         block = PreActBlock if preact else BasicBlock
         self.stem = nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False)
         self.stem_bn = None if preact else nn.BatchNorm2d(WIDTHS[0])
@@ -81,16 +87,13 @@ class CifarResNet(nn.Module):
                 stride = 2 if stage > 1 and index == 1 else 1
                 layers.append(block(in_channels, width, stride))
                 in_channels = width
-                layers.extend(_pop(inserts, stage, index))
-        if inserts:
-            raise ValueError(f"no slot {sorted(inserts)} in a {depth}-layer network with "
-                             f"{len(WIDTHS)} stages of {blocks_per_stage} blocks")
         self.layers = nn.Sequential(*layers)
         self.head_bn = nn.BatchNorm2d(in_channels) if preact else None
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
         self._init_weights()
+        self.register_load_state_dict_pre_hook(_nested_nonlocal_keys)
 
     def _init_weights(self):
         # He et al.'s initialisation for the residual convolutions only: nonlocal
@@ -112,6 +115,25 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def _pop(inserts, stage, block):
-    module = inserts.pop((stage, block), None)
-    return [] if module is None else [module]
+def _nested_nonlocal_keys(model, state_dict, prefix, *args):
+    """Rename, in place, the keys of a checkpoint whose nonlocal modules were items of
+    `layers` between the residual blocks: item c becomes `layers.{i}` or
+    `layers.{i}.nonlocal_module`. Such a checkpoint numbers items past the last block;
+    any other is left as it is."""
+    pattern = re.compile(re.escape(prefix) + r"layers\.(\d+)\.(.*)")
+    matches = {key: pattern.fullmatch(key) for key in state_dict}
+    if max((int(m[1]) for m in matches.values() if m), default=-1) < len(model.layers):
+        return
+    names = []
+    for index, block in enumerate(model.layers):
+        names.append(str(index))
+        if hasattr(block, NAME):
+            names.append(f"{index}.{NAME}")
+    renamed = {}
+    for key, value in state_dict.items():
+        match = matches[key]
+        if match and int(match[1]) < len(names):
+            key = f"{prefix}layers.{names[int(match[1])]}.{match[2]}"
+        renamed[key] = value
+    state_dict.clear()
+    state_dict.update(renamed)
