@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: everything a lent GPU machine should tell us, in one call of at most
-# 5 minutes, from the repository root.
+# 6 minutes, from the repository root.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [--data DIR]     on the GPU machine
 #   OUT=/some/dir bash scripts/gpu_check.sh --dry-run --data DIR    on a CPU (CI)
 #
-# Stages, each capped in time (the caps add up to 300 s; x3 in a dry run) so that a
+# Stages, each capped in time (the caps add up to 345 s; x3 in a dry run) so that a
 # hang costs one stage, not the run; outputs are NaN-filled in the tests and the
 # memcheck only, and the timed stages launch the first fitting configurations; their
-# files land in $OUT (8 at most) and summary.txt says what each stage did:
+# files land in $OUT (10 at most) and summary.txt says what each stage did:
 #   environment   nvidia-smi, Python, torch, Triton, nvcc versions   -> environment.txt
 #   install       pip install --no-build-isolation --no-deps -e . (offline)
 #   cuda-build    python -m fastnl.backends._cuda_build, ptxas report      -> cuda-build.log
@@ -17,6 +17,8 @@
 #                                                          -> gpu-tests.xml, gpu-tests.log
 #   sweep         benchmarks/gpu_sweep.py: fastnl vs SDPA per backend vs reference
 #                                                          -> sweep.json
+#   memory        benchmarks/memory_picture.py on CUDA: one block's peak memory and
+#                 time, fastnl vs materialised vs SDPA     -> memory-gpu.json, .png
 #   train         PreResNet-20 baseline and proposed-3 on a CIFAR subset, images/s
 #                 and peak memory                          -> train.log
 #   sanitizer     compute-sanitizer memcheck of one ragged forward+backward
@@ -24,7 +26,7 @@
 # --data DIR: an ImageFolder tree (train/, test/) or the folder holding
 # cifar10-jpeg.tar.gz (unpacked and cut to 500 + 100 images per class); default .gpu-data.
 # --dry-run: the parts that need no GPU (collection instead of the GPU tests, the
-# sweep's CPU plumbing, a few CPU training steps); install and sanitizer are skipped.
+# sweep's and the memory picture's CPU plumbing, a few CPU training steps); install and sanitizer are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the results}"
@@ -146,6 +148,10 @@ stage tests 85 gpu_tests
 SWEEP=(--out "$OUT/sweep.json" --time-limit 30)
 if [ $DRY -eq 1 ]; then SWEEP+=(--dry-run); fi
 stage sweep 40 env FASTNL_TRITON_CONFIGS=first $PY benchmarks/gpu_sweep.py "${SWEEP[@]}"
+MEMORY=(--device cuda)
+if [ $DRY -eq 1 ]; then MEMORY=(--dry-run); fi
+stage memory 45 bash -c "FASTNL_TRITON_CONFIGS=first $PY benchmarks/memory_picture.py measure '$OUT/memory-gpu.json' \
+  ${MEMORY[*]} && $PY benchmarks/memory_picture.py plot '$OUT/memory-gpu.json' '$OUT/memory-gpu.png'"
 if prepare_data; then stage train 30 train
 else skip train "no CIFAR data at $DATA"; fi
 if [ $DRY -eq 1 ]; then skip sanitizer "dry run"

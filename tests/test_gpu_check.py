@@ -17,7 +17,7 @@ def test_dry_run_writes_every_cpu_stage(tmp_path, image_folder):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = (out / "summary.txt").read_text()
-    for stage in ("environment", "tests", "sweep", "train"):
+    for stage in ("environment", "tests", "sweep", "memory", "train"):
         assert any(line.startswith(stage) and " ok " in line for line in summary.splitlines()), summary
     for stage in ("install", "sanitizer"):
         assert f"{stage}" in summary and "skipped (dry run)" in summary
@@ -28,4 +28,8 @@ def test_dry_run_writes_every_cpu_stage(tmp_path, image_folder):
     runs = [json.loads(line.split(": ", 1)[1]) for line in (out / "train.log").read_text().splitlines()
             if line.startswith(("baseline: ", "proposed-3: "))]
     assert [run["status"] for run in runs] == [0, 0] and all(run["images_per_s"] > 0 for run in runs)
-    assert len(list(out.iterdir())) <= 8
+    memory = json.loads((out / "memory-gpu.json").read_text())
+    assert memory["device"] == "cpu" and all("seconds" in row["fastnl"] for family in memory["families"].values()
+                                              for row in family["cases"])
+    assert (out / "memory-gpu.png").stat().st_size > 0
+    assert len(list(out.iterdir())) <= 10
