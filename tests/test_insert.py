@@ -65,9 +65,10 @@ def test_stacked_blocks_are_a_sequential_in_a_row():
         fastnl.insert_nonlocal(_resnet18(), ["layer2.0"], images, stacked=0)
 
 
-def test_video_r3d_18_gets_3d_blocks_that_pool_space_only():
+@pytest.mark.parametrize("network", ["r3d_18", "r2plus1d_18"])
+def test_video_networks_get_3d_blocks_that_pool_space_only(network):
     torch.manual_seed(0)
-    model = torchvision.models.video.r3d_18(num_classes=5).eval()
+    model = getattr(torchvision.models.video, network)(num_classes=5).eval()
     clips = torch.randn(1, 3, 4, 32, 32)
     before = model(clips)
     fastnl.insert_nonlocal(model, ["layer2.0", "layer3.0"], clips, sub_sample=True)
