@@ -82,7 +82,10 @@ def insert_nonlocal(model, places, example_input, *, num_blocks=None, stacked=No
             raise ValueError(f"{place!r} outputs {shape if isinstance(shape, str) else tuple(shape)}; a nonlocal "
                              f"module needs a (B, C, *S) tensor with 1 to 3 spatial axes")
         kwargs = dict(options, in_channels=shape[1], dimension=len(shape) - 2)
-        inserted = _new_module(num_blocks, stacked, kwargs)
+        try:
+            inserted = _new_module(num_blocks, stacked, kwargs)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"at {place!r} (output {tuple(shape)}): {error}") from error
         module.add_module(NAME, inserted.to(next(module.parameters(), example_input)))
         if not isinstance(module, nn.Sequential):
             module.register_forward_hook(_run_inserted)

@@ -131,6 +131,11 @@ def test_errors_name_the_place(places, words):
         fastnl.insert_nonlocal(_resnet18(), places, torch.randn(2, 3, 32, 32))
 
 
+def test_a_module_that_cannot_be_built_names_its_place():
+    with pytest.raises(ValueError, match=r"at 'layer2.1' \(output \(2, 128, 4, 4\)\): mode must be one of"):
+        fastnl.insert_nonlocal(_resnet18(), ["layer2.1"], torch.randn(2, 3, 32, 32), mode="cosine")
+
+
 def test_inferred_arguments_are_refused_and_a_place_takes_one_module():
     model, images = _resnet18(), torch.randn(2, 3, 32, 32)
     with pytest.raises(TypeError, match="infers in_channels"):
