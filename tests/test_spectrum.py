@@ -9,7 +9,7 @@ from torch import nn
 from fastnl import NonlocalBlock, NonlocalStage
 from fastnl.app.checkpoint import save_checkpoint
 from fastnl.app.spectrum import affinity_spectra, analyze, nonlocal_modules, weight_spectra
-from fastnl.app.spectrum.__main__ import FIGURES, main
+from fastnl.app.spectrum.__main__ import FIGURES, affinity_figure, main
 from fastnl.app.spectrum.affinity import capture_inputs, disc_distance
 from fastnl.app.spectrum.plot import save_affinity_figure, save_comparison_figure, save_weight_figure
 from fastnl.models import build_model
@@ -244,17 +244,20 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     data = _image_folder(tmp_path / "data", per_class=3)
     original = _checkpoint(tmp_path / "original-2" / "checkpoint.pt", "original-2", seed=9)
     proposed = _checkpoint(tmp_path / "proposed-2" / "checkpoint.pt", "proposed-2", seed=10)
+    baseline = _checkpoint(tmp_path / "baseline" / "checkpoint.pt", "baseline", seed=11)
     out = tmp_path / "out"
-    main([str(original), "--compare", str(proposed), "--top", "8", "--out", str(out),
+    main([str(original), "--compare", str(proposed), str(baseline), "--top", "8", "--out", str(out),
           "--data", str(data), "--images", "2"])
 
     result = json.loads((out / "spectrum.json").read_text())
     assert result["top"] == 8
-    assert result["figures"] == FIGURES
-    for name in FIGURES.values():
+    # no affinity figure for the baseline: it has no nonlocal module
+    assert result["figures"] == {**FIGURES, **dict(map(affinity_figure, (1, 2)))}
+    for name in result["figures"].values():
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
-    first, second = result["checkpoints"]
+    first, second, third = result["checkpoints"]
     assert (first["label"], second["label"]) == ("original-2/checkpoint", "proposed-2/checkpoint")
+    assert third["blocks"] == [] and not third["affinity"]
     assert [block["name"] for block in first["blocks"]] == ["layers.4.nonlocal_module.0.branches.0",
                                                              "layers.4.nonlocal_module.1.branches.0"]
     assert [block["name"] for block in second["blocks"]] == ["layers.4.nonlocal_module.branches.0",

@@ -1,4 +1,4 @@
-"""python -m fastnl.spectrum CHECKPOINT [--top 32] [--out DIR] [--compare OTHER]
+"""python -m fastnl.spectrum CHECKPOINT [--top 32] [--out DIR] [--compare OTHER [OTHER ...]]
                            [--data DIR [--dataset cifar10] [--images K]]
 
 Writes DIR/spectrum.json and PNG figures (see docs/spectrum.md) and prints a summary.
@@ -17,20 +17,24 @@ from fastnl.app.spectrum.report import analyze, summary_lines
 FIGURES = {
     "weights": "weight_spectrum.png",
     "comparison": "weight_spectrum_comparison.png",
-    "affinity": "affinity_spectrum.png",
-    "affinity_other": "affinity_spectrum_other.png",
 }
+
+
+def affinity_figure(index):
+    """(key in spectrum.json's figures, file name) of the affinity figure of checkpoint `index` (from 1)."""
+    suffix = "" if index == 1 else f"_{index}"
+    return f"affinity{suffix}", f"affinity_spectrum{suffix}.png"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastnl.spectrum", description=(
         "Spectra of trained nonlocal networks: eigenvalues of the symmetrised W_z W_g of every "
         "block and, with --data, of the affinity P - I against the stability disc."))
-    parser.add_argument("checkpoint", help="a checkpoint written by fastnl.train")
+    parser.add_argument("checkpoint", help="a checkpoint written by fastnl.train (or its weights and config alone)")
     parser.add_argument("--top", type=int, default=32, help="eigenvalues per block, by magnitude")
     parser.add_argument("--out", help="output directory (default: CHECKPOINT's directory/spectrum)")
-    parser.add_argument("--compare", metavar="OTHER_CHECKPOINT",
-                        help="a second checkpoint, plotted beside the first with a shared y-axis")
+    parser.add_argument("--compare", metavar="OTHER_CHECKPOINT", nargs="+", default=[],
+                        help="more checkpoints, plotted beside the first with a shared y-axis")
     parser.add_argument("--data", metavar="DIR", help="data directory: also analyse the affinity")
     parser.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     parser.add_argument("--images", type=int, default=8, help="test images for the affinity")
@@ -75,16 +79,15 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "spectrum"
     out.mkdir(parents=True, exist_ok=True)
-    paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     entries, figures = [], {}
-    for role, path in zip(("", "_other"), paths):
+    for index, path in enumerate([args.checkpoint, *args.compare], start=1):
         entry, spectra = analyze_checkpoint(path, args)
         entries.append(entry)
         print("\n".join(summary_lines(entry["label"], entry)))
         if spectra:
-            figures["affinity" + role] = FIGURES["affinity" + role]
-            save_affinity_figure(spectra, f"{entry['label']}: eigenvalues of P - I",
-                                 out / figures["affinity" + role])
+            key, name = affinity_figure(index)
+            figures[key] = name
+            save_affinity_figure(spectra, f"{entry['label']}: eigenvalues of P - I", out / name)
     title = "top {} eigenvalues of sym. $W_z W_g$: {}"
     figures["weights"] = FIGURES["weights"]
     save_weight_figure(entries[0]["blocks"], title.format(args.top, entries[0]["label"]),
