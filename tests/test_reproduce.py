@@ -1,5 +1,13 @@
-"""python -m fastnl.reproduce table1 on tiny data: runs per seed, reuse, the Markdown table."""
+"""python -m fastnl.reproduce table1 on tiny data: runs per seed, reuse, the Markdown table, the export."""
+import json
+
+import pytest
+import torch
+
+from fastnl.app.checkpoint import load_model
 from fastnl.app.reproduce import PAPER_TABLE1, main
+from fastnl.app.results import EMBED, embedded_table
+from fastnl.app.spectrum.__main__ import main as spectrum
 from fastnl.models import PRESETS
 
 
@@ -44,3 +52,40 @@ def test_runs_recorded_before_the_code_version_still_make_a_table():
     record = {"config": config, "history": [{"epoch_time_s": 3600.0}], "final": {"test_error": 8.0, "epoch": 164}}
     table = markdown_table({"baseline": [record]})
     assert "code not recorded" in table and "| baseline | 8.19 | 8.00 |" in table and "| 1.00 |" in table
+
+
+def test_export_copies_the_records_and_weights_and_the_table_follows_from_them(image_folder, tmp_path, capsys):
+    out, dest = tmp_path / "runs", tmp_path / "docs" / "table1"
+    rows = ["table1", "--rows", "baseline,proposed-2", "--seeds", "0", "--out", str(out)]
+    assert main([*rows, "--data-dir", str(image_folder), "--device", "cpu", "--epochs", "1", "--batch-size", "8",
+                 "--train-subset", "8"]) == 0
+    trained_table = (out / "table1.md").read_text()
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\n\n{EMBED[0]}\nold table\n{EMBED[1]}\n\nReading.\n")
+    assert main([*rows, "--export", str(dest), "--export-weights", "proposed-2", "--embed", str(page)]) == 0
+
+    assert (dest / "table1.md").read_text() == trained_table  # computed again, from the copies
+    assert embedded_table(page.read_text()) == trained_table and page.read_text().endswith("\n\nReading.\n")
+    for row in ("baseline", "proposed-2"):
+        run = dest / row / "seed-0"
+        assert sorted(p.name for p in run.iterdir()) == sorted(
+            ["config.json", "log.json", "log.csv", "final.json", "curves.png"] + (["model.pt"] if row != "baseline"
+                                                                                   else []))
+        config = json.loads((run / "config.json").read_text())
+        assert (config["out"], config["data_dir"]) == (f"{row}/seed-0", image_folder.name)  # no machine paths
+        assert str(tmp_path) not in (run / "config.json").read_text()
+    weights = torch.load(dest / "proposed-2" / "seed-0" / "model.pt", weights_only=True)
+    assert sorted(weights) == ["config", "model"] and str(tmp_path) not in json.dumps(weights["config"])
+    model, _ = load_model(dest / "proposed-2" / "seed-0" / "model.pt")
+    trained, _ = load_model(out / "proposed-2" / "seed-0" / "checkpoint.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), trained(x))
+    spectrum([str(dest / "proposed-2" / "seed-0" / "model.pt"), "--top", "4", "--out", str(tmp_path / "spectrum")])
+    assert (tmp_path / "spectrum" / "weight_spectrum.png").exists()
+
+    with pytest.raises(ValueError, match="not exported: original-2"):
+        main([*rows, "--export", str(dest), "--export-weights", "original-2"])
+    (out / "baseline" / "seed-0" / "final.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a finished run: no final.json"):
+        main([*rows, "--export", str(dest)])
+    capsys.readouterr()

@@ -9,9 +9,10 @@ records (config.json, log.json, final.json): OUT/table1.md lists the final-epoch
 error, mean ± sample std over seeds, beside the paper's number, under a header with
 the schedule, precision, seeds, device, code version and wall time; OUT/table1.png
 draws every row's test error per epoch (same-place rows and different-place rows on
-separate panels). `--report-only` rewrites both from the records without training.
-Options other than --rows, --seeds, --out and --report-only go to
-`python -m fastnl.train` unchanged.
+separate panels). `--report-only` rewrites both from the records without training;
+`--export DIR` copies the finished runs' records (and `--export-weights ROWS`' final
+models) to DIR and writes the report there from the copies (fastnl.app.results).
+Options other than these go to `python -m fastnl.train` unchanged.
 """
 import argparse
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from fastnl.app.curves import plot_runs
 from fastnl.app.engine import train
+from fastnl.app.results import embed, export
 from fastnl.app.train import config_from_args
 from fastnl.app.train import parser as train_parser
 from fastnl.models import PRESETS
@@ -125,15 +127,27 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("runs/table1"))
     p.add_argument("--report-only", action="store_true",
                    help="write table1.md and table1.png from the finished runs in --out, training nothing")
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="copy the finished runs' records to DIR and write the report there, training nothing")
+    p.add_argument("--export-weights", type=_names, default=[], metavar="ROWS",
+                   help="with --export: rows whose final models (weights and config) are copied too")
+    p.add_argument("--embed", type=Path, metavar="FILE",
+                   help="with --export: also put the table between FILE's table1.md markers")
     args, train_args = p.parse_known_args(argv)
     unknown = [row for row in args.rows if row not in PRESETS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(PRESETS)}")
-    if not args.report_only:
+    if (args.export_weights or args.embed) and not args.export:
+        p.error("--export-weights and --embed go with --export")
+    if args.export:
+        export(args.out, args.export, args.rows, args.seeds, args.export_weights)
+    elif not args.report_only:
         for row in args.rows:
             for seed in args.seeds:
                 run_row(row, seed, args.out, train_args)
-    table = write_report(args.out, args.rows, args.seeds)
+    table = write_report(args.export or args.out, args.rows, args.seeds)
+    if args.embed:
+        embed(args.embed, table)
     print(table)
     return 0
 

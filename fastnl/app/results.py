@@ -1,0 +1,87 @@
+"""Finished runs into the repository: the records a table is computed from, and weights.
+
+`python -m fastnl.reproduce table1 --export DIR` copies each finished run's records
+(config.json, log.json, log.csv, final.json, curves.png) from OUT/ROW/seed-S to
+DIR/ROW/seed-S, and for the rows named by `--export-weights` its final model as
+model.pt: the weights and the run's config, no optimizer state, which is all
+`python -m fastnl.spectrum` needs. Paths in the configs become portable: a relative
+path stays, an absolute one keeps only its last component, and `out` names the run's
+folder under DIR. The table and its figure are then written in DIR from the copies, so
+what the repository shows is what reproduce computes from the committed logs; with
+`--embed FILE` the table also replaces the block between the EMBED markers in FILE
+(docs/results.md), which tests/test_results.py checks against the logs too.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from fastnl.app.checkpoint import CHECKPOINT, load_checkpoint
+
+RECORDS = ("config.json", "log.json", "log.csv", "final.json", "curves.png")
+WEIGHTS = "model.pt"
+PATH_FIELDS = ("data_dir", "cache_dir")
+EMBED = ("<!-- table1.md, written by python -m fastnl.reproduce table1 --export: do not edit -->",
+         "<!-- end of table1.md -->")
+
+
+def portable(config, run_name):
+    """A run's config dict with no machine paths (a copy)."""
+    config = json.loads(json.dumps(config))
+    for field in PATH_FIELDS:
+        value = config.get(field)
+        if value is not None and Path(value).is_absolute():
+            config[field] = Path(value).name
+    config["out"] = run_name
+    return config
+
+
+def export_run(run_dir, dest, run_name, weights=False):
+    """Copy one finished run's records (and with `weights` its model.pt) into `dest`."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    missing = [name for name in RECORDS if not (run_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished run: no {', '.join(missing)}")
+    config, final = (json.loads((run_dir / name).read_text()) for name in ("config.json", "final.json"))
+    if final.get("epoch") != config["epochs"]:
+        raise ValueError(f"{run_dir} is not a finished run: it trained {final.get('epoch')} of {config['epochs']} "
+                         f"epochs")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORDS:
+        if name == "config.json":
+            config = portable(json.loads((run_dir / name).read_text()), run_name)
+            (dest / name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(run_dir / name, dest / name)
+    if weights:
+        state = load_checkpoint(run_dir / CHECKPOINT)
+        torch.save({"model": state["model"], "config": portable(state["config"], run_name)}, dest / WEIGHTS)
+
+
+def export(out, dest, rows, seeds, weight_rows=()):
+    """Every (row, seed) run of `out` into `dest`; model.pt for the rows in `weight_rows`."""
+    unknown = sorted(set(weight_rows) - set(rows))
+    if unknown:
+        raise ValueError(f"--export-weights names rows that are not exported: {', '.join(unknown)}")
+    for row in rows:
+        for seed in seeds:
+            name = f"{row}/seed-{seed}"
+            export_run(Path(out) / name, Path(dest) / name, name, weights=row in weight_rows)
+
+
+def embedded_table(text):
+    """The table between the EMBED markers of `text`; ValueError if they are missing."""
+    start, end = text.find(EMBED[0]), text.find(EMBED[1])
+    if start < 0 or end < start:
+        raise ValueError(f"no block between {EMBED[0]!r} and {EMBED[1]!r}")
+    return text[start + len(EMBED[0]):end].strip("\n") + "\n"
+
+
+def embed(path, table):
+    """Put `table` between the EMBED markers of the file at `path`."""
+    text = Path(path).read_text()
+    embedded_table(text)  # both markers are there
+    head, rest = text.split(EMBED[0], 1)
+    tail = rest.split(EMBED[1], 1)[1]
+    Path(path).write_text(f"{head}{EMBED[0]}\n{table}{EMBED[1]}{tail}")
