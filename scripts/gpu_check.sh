@@ -5,7 +5,7 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh [--data DIR]     on the GPU machine
 #   OUT=/some/dir bash scripts/gpu_check.sh --dry-run --data DIR    on a CPU (CI)
 #
-# Stages, each capped in time (the caps add up to 345 s; x3 in a dry run) so that a
+# Stages, each capped in time (the caps add up to 360 s; x3 in a dry run) so that a
 # hang costs one stage, not the run; outputs are NaN-filled in the tests and the
 # memcheck only, and the timed stages launch the first fitting configurations; their
 # files land in $OUT (10 at most) and summary.txt says what each stage did:
@@ -150,7 +150,7 @@ if [ $DRY -eq 1 ]; then SWEEP+=(--dry-run); fi
 stage sweep 40 env FASTNL_TRITON_CONFIGS=first $PY benchmarks/gpu_sweep.py "${SWEEP[@]}"
 MEMORY=(--device cuda)
 if [ $DRY -eq 1 ]; then MEMORY=(--dry-run); fi
-stage memory 45 bash -c "FASTNL_TRITON_CONFIGS=first $PY benchmarks/memory_picture.py measure '$OUT/memory-gpu.json' \
+stage memory 60 bash -c "FASTNL_TRITON_CONFIGS=first $PY benchmarks/memory_picture.py measure '$OUT/memory-gpu.json' \
   ${MEMORY[*]} && $PY benchmarks/memory_picture.py plot '$OUT/memory-gpu.json' '$OUT/memory-gpu.png'"
 if prepare_data; then stage train 30 train
 else skip train "no CIFAR data at $DATA"; fi
