@@ -43,9 +43,9 @@ def insert_nonlocal(model, places, example_input, *, num_blocks=None, stacked=No
     one forward of `example_input` (in eval mode, without gradients). By default each
     place gets one `NonlocalBlock` (Wang et al.); `num_blocks=K` a `NonlocalStage` of K
     blocks (Tao et al.); `stacked=K` K `NonlocalBlock`s in a row, an `nn.Sequential`
-    (Tao et al.'s "original-K" rows); `options` are the modules' other arguments (mode, inter_channels, sub_sample,
-    bn_layer, use_scale, scale, backend). New modules are the identity, so the network computes
-    exactly what it did. The module is registered as `{place}.nonlocal_module`
+    (Tao et al.'s "original-K" rows); `options` are the modules' other arguments (mode,
+    inter_channels, sub_sample, bn_layer, use_scale, scale, backend). New modules are the
+    identity, so the network computes exactly what it did. The module is registered as `{place}.nonlocal_module`
     (state_dict keys `{place}.nonlocal_module.*`, the network's own keys unchanged); a
     Sequential place runs it as its last child, any other place through a forward hook.
     Returns `model`, changed in place.

@@ -50,8 +50,7 @@ def export_run(run_dir, dest, run_name, weights=False):
     dest.mkdir(parents=True, exist_ok=True)
     for name in RECORDS:
         if name == "config.json":
-            config = portable(json.loads((run_dir / name).read_text()), run_name)
-            (dest / name).write_text(json.dumps(config, indent=2) + "\n")
+            (dest / name).write_text(json.dumps(portable(config, run_name), indent=2) + "\n")
         else:
             shutil.copyfile(run_dir / name, dest / name)
     if weights:
