@@ -9,9 +9,13 @@ cross-entropy, backward, step) for the baseline and three nonlocal presets, in f
 forward+backward against the same three `fastnl.nonlocal_attend` calls (shared
 statistics) on ready-made (B, N, C') operands, which is what the module adds its
 embeddings, BatchNorm and residuals around. The section after the tables prints the
-ratios against the training-speed bars.
+ratios against the training-speed bars, each twice: as the ratio of the two groups'
+medians, and paired: the median over PAIRS alternating steps of one against the other,
+which a machine whose speed drifts between the groups (a shared VM) moves far less.
 """
 import contextlib
+import statistics
+import time
 
 import pytest
 import summary
@@ -22,6 +26,7 @@ import fastnl
 from fastnl.models import build_model
 
 BATCH = 128
+PAIRS = 15
 PRESETS = ["baseline", "original-3", "proposed-3", "proposed-6"]
 # name -> (memory format, autocast dtype or None)
 SETTINGS = {
@@ -112,18 +117,59 @@ def test_stage_against_its_op_calls(benchmark, record, precision, implementation
     record(benchmark, implementation)
 
 
-@summary.section("fastnl training speed: the bars (medians from the groups above; lower is better)")
+def _paired_ratio(slower, faster, pairs):
+    """Median over `pairs` of time(slower step) / time(faster step), run alternately."""
+    ratios = []
+    for _ in range(pairs):
+        times = []
+        for step in (slower, faster):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
+def _model_steps(setting):
+    return lambda: [_training_step(preset, *SETTINGS[setting]) for preset in ("proposed-3", "baseline")]
+
+
+def _stage_steps(dtype):
+    return lambda: [_stage_step(dtype), _op_calls_step(dtype)]
+
+
+STAGE = f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} {STAGE_SIDE}x{STAGE_SIDE}"
+# bar name -> (group, slower, faster, bar or None, builder of the two steps for the paired ratio or None)
+BARS = {
+    "proposed-3 / baseline step, float32": (_group("float32"), "proposed-3", "baseline", None, None),
+    "proposed-3 / baseline step, float32 channels_last": (_group("float32 channels_last"), "proposed-3", "baseline",
+                                                          1.15, _model_steps("float32 channels_last")),
+    "proposed-3 / baseline step, bf16 channels_last": (_group("bf16 channels_last"), "proposed-3", "baseline", 1.25,
+                                                       _model_steps("bf16 channels_last")),
+    "stage / its op calls, float32": (f"{STAGE} float32", "stage", "op calls", 1.5, _stage_steps(None)),
+    "stage / its op calls, bf16": (f"{STAGE} bf16", "stage", "op calls", 1.5, _stage_steps(torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("bar", [name for name, entry in BARS.items() if entry[-1] is not None])
+def test_bar_paired(benchmark, bar):
+    """The bar's two steps alternately (one pair, untimed, when benchmarks are disabled)."""
+    slower, faster = BARS[bar][-1]()
+    for step in (slower, faster):  # warm-up
+        step()
+    benchmark.group = f"paired: {bar}"
+    ratio = benchmark.pedantic(_paired_ratio, args=(slower, faster, 1 if benchmark.disabled else PAIRS), rounds=1)
+    if not benchmark.disabled:
+        summary.VALUES[f"paired: {bar}"] = ratio
+
+
+@summary.section("fastnl training speed: the bars (medians from the groups above, and paired; lower is better)")
 def _bars():
-    stage = f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} {STAGE_SIDE}x{STAGE_SIDE}"
-    bars = [
-        ("proposed-3 / baseline step, float32", summary.ratio(_group("float32"), "proposed-3", "baseline"), None),
-        ("proposed-3 / baseline step, float32 channels_last",
-         summary.ratio(_group("float32 channels_last"), "proposed-3", "baseline"), 1.15),
-        ("proposed-3 / baseline step, bf16 channels_last",
-         summary.ratio(_group("bf16 channels_last"), "proposed-3", "baseline"), 1.25),
-        ("stage / its op calls, float32", summary.ratio(f"{stage} float32", "stage", "op calls"), 1.5),
-        ("stage / its op calls, bf16", summary.ratio(f"{stage} bf16", "stage", "op calls"), 1.5),
-    ]
+    bars = []
+    for name, (group, slower, faster, bar, paired) in BARS.items():
+        bars.append((name, summary.ratio(group, slower, faster), bar))
+        if paired is not None:
+            bars.append((f"  paired, {PAIRS} alternating steps", summary.VALUES.get(f"paired: {name}"), bar))
     lines = summary.bar_lines(bars, lower_is_better=True)
     for setting in SETTINGS:
         baseline = summary.median(_group(setting), "baseline")
