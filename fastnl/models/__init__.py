@@ -40,11 +40,12 @@ def build_model(arch="preresnet20", placement="baseline", num_classes=10, mode="
             raise ValueError(f"no slot {item.stage}.{item.block} (stage {item.stage}, block {item.block}) in "
                              f"{placement!r}: a {depth}-layer network has stages 1-{len(WIDTHS)} of blocks "
                              f"1-{blocks_per_stage}")
-    example = torch.zeros(1, 3, 32, 32)
+    places = {}  # one insert_nonlocal call (one probing forward) per kind of module
     for item in items:
-        place = f"layers.{(item.stage - 1) * blocks_per_stage + item.block - 1}"
-        count = {"num_blocks": item.count} if item.kind == "proposed" else {"stacked": item.count}
-        insert_nonlocal(model, [place], example, mode=mode, backend=backend, **count)
+        count = ("num_blocks" if item.kind == "proposed" else "stacked", item.count)
+        places.setdefault(count, []).append(f"layers.{(item.stage - 1) * blocks_per_stage + item.block - 1}")
+    for (name, count), names in places.items():
+        insert_nonlocal(model, names, torch.zeros(1, 3, 32, 32), mode=mode, backend=backend, **{name: count})
     return model
 
 
