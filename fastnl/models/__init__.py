@@ -33,15 +33,13 @@ def build_model(arch="preresnet20", placement="baseline", num_classes=10, mode="
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     depth, preact = ARCHS[arch]
     model = CifarResNet(depth, num_classes=num_classes, preact=preact)
-    items = placements.parse(placement)
     blocks_per_stage = len(model.layers) // len(WIDTHS)
-    for item in items:
+    places = {}  # one insert_nonlocal call (one probing forward) per kind of module
+    for item in placements.parse(placement):
         if not (1 <= item.stage <= len(WIDTHS) and 1 <= item.block <= blocks_per_stage):
             raise ValueError(f"no slot {item.stage}.{item.block} (stage {item.stage}, block {item.block}) in "
                              f"{placement!r}: a {depth}-layer network has stages 1-{len(WIDTHS)} of blocks "
                              f"1-{blocks_per_stage}")
-    places = {}  # one insert_nonlocal call (one probing forward) per kind of module
-    for item in items:
         count = ("num_blocks" if item.kind == "proposed" else "stacked", item.count)
         places.setdefault(count, []).append(f"layers.{(item.stage - 1) * blocks_per_stage + item.block - 1}")
     for (name, count), names in places.items():
