@@ -1,5 +1,6 @@
 """python -m fastnl.reproduce table1 on tiny data: runs per seed, reuse, the Markdown table, the export."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -88,4 +89,23 @@ def test_export_copies_the_records_and_weights_and_the_table_follows_from_them(i
     (out / "baseline" / "seed-0" / "final.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a finished run: no final.json"):
         main([*rows, "--export", str(dest)])
+    capsys.readouterr()
+
+
+def test_export_keeps_the_runs_exported_earlier_that_out_no_longer_holds(image_folder, tmp_path, capsys):
+    out, dest = tmp_path / "runs", tmp_path / "table1"
+    rows = ["table1", "--rows", "baseline,proposed-2", "--seeds", "0", "--out", str(out)]
+    assert main([*rows, "--data-dir", str(image_folder), "--device", "cpu", "--epochs", "1", "--batch-size", "8",
+                 "--train-subset", "8"]) == 0
+    assert main([*rows, "--export", str(dest), "--export-weights", "proposed-2"]) == 0
+    table = (dest / "table1.md").read_text()
+    shutil.rmtree(out / "baseline")  # trained in an earlier session, exported then
+    assert main([*rows, "--export", str(dest), "--export-weights", "proposed-2"]) == 0
+    assert (dest / "table1.md").read_text() == table
+    shutil.rmtree(out / "proposed-2")
+    (dest / "proposed-2" / "seed-0" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="proposed-2/seed-0 holds no exported run: no model.pt"):
+        main([*rows, "--export", str(dest), "--export-weights", "proposed-2"])
+    with pytest.raises(FileNotFoundError, match="original-2/seed-0 holds no exported run: no config.json"):
+        main(["table1", "--rows", "original-2", "--seeds", "0", "--out", str(out), "--export", str(dest)])
     capsys.readouterr()

@@ -6,10 +6,11 @@ DIR/ROW/seed-S, and for the rows named by `--export-weights` its final model as
 model.pt: the weights and the run's config, no optimizer state, which is all
 `python -m fastnl.spectrum` needs. Paths in the configs become portable: a relative
 path stays, an absolute one keeps only its last component, and `out` names the run's
-folder under DIR. The table and its figure are then written in DIR from the copies, so
-what the repository shows is what reproduce computes from the committed logs; with
-`--embed FILE` the table also replaces the block between the EMBED markers in FILE
-(docs/results.md), which tests/test_results.py checks against the logs too.
+folder under DIR. A run OUT does not hold keeps its earlier copy in DIR, so a table's
+rows can be exported as they finish, across sessions. The table and its figure are
+then written in DIR from the copies, so what the repository shows is what reproduce
+computes from the committed logs; with `--embed FILE` the table also replaces the
+block between the EMBED markers in FILE (docs/results.md), which tests/test_results.py checks against the logs too.
 """
 import json
 import shutil
@@ -58,15 +59,29 @@ def export_run(run_dir, dest, run_name, weights=False):
         torch.save({"model": state["model"], "config": portable(state["config"], run_name)}, dest / WEIGHTS)
 
 
+def check_exported(dest, weights=False):
+    """FileNotFoundError unless `dest` holds a whole exported run (and with `weights` its model.pt)."""
+    missing = [name for name in RECORDS + ((WEIGHTS,) if weights else ()) if not (Path(dest) / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{dest} holds no exported run: no {', '.join(missing)}")
+
+
 def export(out, dest, rows, seeds, weight_rows=()):
-    """Every (row, seed) run of `out` into `dest`; model.pt for the rows in `weight_rows`."""
+    """Every (row, seed) run of `out` into `dest`; model.pt for the rows in `weight_rows`.
+
+    A run that `out` does not hold keeps the copy an earlier export left in `dest` (rows
+    trained in another session or on another machine), so a table can be exported a few
+    rows at a time; a run in neither place is an error."""
     unknown = sorted(set(weight_rows) - set(rows))
     if unknown:
         raise ValueError(f"--export-weights names rows that are not exported: {', '.join(unknown)}")
     for row in rows:
         for seed in seeds:
             name = f"{row}/seed-{seed}"
-            export_run(Path(out) / name, Path(dest) / name, name, weights=row in weight_rows)
+            if (Path(out) / name).exists():
+                export_run(Path(out) / name, Path(dest) / name, name, weights=row in weight_rows)
+            else:
+                check_exported(Path(dest) / name, weights=row in weight_rows)
 
 
 def embedded_table(text):
