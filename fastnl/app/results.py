@@ -10,7 +10,8 @@ folder under DIR. A run OUT does not hold keeps its earlier copy in DIR, so a ta
 rows can be exported as they finish, across sessions. The table and its figure are
 then written in DIR from the copies, so what the repository shows is what reproduce
 computes from the committed logs; with `--embed FILE` the table also replaces the
-block between the EMBED markers in FILE (docs/results.md), which tests/test_results.py checks against the logs too.
+block between the EMBED markers in FILE (docs/results.md), which tests/test_results.py
+checks against the logs too.
 """
 import json
 import shutil
@@ -38,10 +39,15 @@ def portable(config, run_name):
     return config
 
 
+def _missing(folder, names):
+    """The names among `names` that `folder` does not hold."""
+    return [name for name in names if not (Path(folder) / name).exists()]
+
+
 def export_run(run_dir, dest, run_name, weights=False):
     """Copy one finished run's records (and with `weights` its model.pt) into `dest`."""
     run_dir, dest = Path(run_dir), Path(dest)
-    missing = [name for name in RECORDS if not (run_dir / name).exists()]
+    missing = _missing(run_dir, RECORDS)
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run: no {', '.join(missing)}")
     config, final = (json.loads((run_dir / name).read_text()) for name in ("config.json", "final.json"))
@@ -61,7 +67,7 @@ def export_run(run_dir, dest, run_name, weights=False):
 
 def check_exported(dest, weights=False):
     """FileNotFoundError unless `dest` holds a whole exported run (and with `weights` its model.pt)."""
-    missing = [name for name in RECORDS + ((WEIGHTS,) if weights else ()) if not (Path(dest) / name).exists()]
+    missing = _missing(dest, RECORDS + ((WEIGHTS,) if weights else ()))
     if missing:
         raise FileNotFoundError(f"{dest} holds no exported run: no {', '.join(missing)}")
 
