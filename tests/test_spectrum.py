@@ -9,7 +9,7 @@ from torch import nn
 from fastnl import NonlocalBlock, NonlocalStage
 from fastnl.app.checkpoint import save_checkpoint
 from fastnl.app.spectrum import affinity_spectra, analyze, nonlocal_modules, weight_spectra
-from fastnl.app.spectrum.__main__ import FIGURES, affinity_figure, main
+from fastnl.app.spectrum.__main__ import FIGURES, affinity_figure, main, unique_labels
 from fastnl.app.spectrum.affinity import capture_inputs, disc_distance
 from fastnl.app.spectrum.plot import save_affinity_figure, save_comparison_figure, save_weight_figure
 from fastnl.models import build_model
@@ -256,7 +256,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     for name in result["figures"].values():
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     first, second, third = result["checkpoints"]
-    assert (first["label"], second["label"]) == ("original-2/checkpoint", "proposed-2/checkpoint")
+    assert [entry["label"] for entry in result["checkpoints"]] == ["original-2", "proposed-2", "baseline"]
     assert third["blocks"] == [] and not third["affinity"]
     assert [block["name"] for block in first["blocks"]] == ["layers.4.nonlocal_module.0.branches.0",
                                                              "layers.4.nonlocal_module.1.branches.0"]
@@ -284,3 +284,17 @@ def test_cli_weights_only(tmp_path):
     [entry] = result["checkpoints"]
     assert entry["affinity"] is None and "images" not in entry
     assert len(entry["blocks"]) == 3 and all(len(block["eigenvalues"]) == 32 for block in entry["blocks"])
+
+
+def test_labels_name_the_model_and_tell_apart_checkpoints_of_the_same_one():
+    def entry(path, placement=None, seed=None):
+        config = {"seed": seed, "model": {"placement": placement}} if placement else {}
+        return {"checkpoint": path, "config": config}
+
+    entries = [entry("runs/original-4/seed-0/model.pt", "original-4", 0),
+               entry("runs/proposed-4/seed-0/model.pt", "proposed-4", 0),
+               entry("a/checkpoint.pt", "proposed-4", 1),
+               entry("b/checkpoint.pt", "baseline"), entry("c/checkpoint.pt", "baseline"),
+               entry("weights/last.pt")]
+    assert unique_labels(entries) == ["original-4 seed 0", "proposed-4 seed 0", "proposed-4 seed 1",
+                                      "baseline (b/checkpoint)", "baseline (c/checkpoint)", "weights/last"]

@@ -50,6 +50,21 @@ def checkpoint_label(path):
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
+def model_label(path, config):
+    """What the checkpoint holds, from its config ("original-4 seed 0"); "run/file" without one."""
+    placement = (config.get("model") or {}).get("placement")
+    if placement is None:
+        return checkpoint_label(path)
+    return placement if config.get("seed") is None else f"{placement} seed {config['seed']}"
+
+
+def unique_labels(entries):
+    """Model labels, with "run/file" added to those that two checkpoints share."""
+    labels = [model_label(entry["checkpoint"], entry["config"]) for entry in entries]
+    return [f"{label} ({checkpoint_label(entry['checkpoint'])})" if labels.count(label) > 1 else label
+            for label, entry in zip(labels, entries)]
+
+
 def evaluation_images(data_dir, dataset, count):
     """(images (count, 3, H, W) normalised as in training, their indices in the test split).
 
@@ -64,7 +79,7 @@ def evaluation_images(data_dir, dataset, count):
 def analyze_checkpoint(path, args):
     """The JSON entry and affinity spectra of one checkpoint."""
     model, config = load_model(path, map_location="cpu")
-    entry = {"checkpoint": str(path), "label": checkpoint_label(path), "config": config}
+    entry = {"checkpoint": str(path), "config": config}
     images = None
     if args.data:
         dataset = args.dataset or config.get("dataset", "cifar10")
@@ -79,15 +94,15 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "spectrum"
     out.mkdir(parents=True, exist_ok=True)
-    entries, figures = [], {}
-    for index, path in enumerate([args.checkpoint, *args.compare], start=1):
-        entry, spectra = analyze_checkpoint(path, args)
-        entries.append(entry)
-        print("\n".join(summary_lines(entry["label"], entry)))
+    analysed = [analyze_checkpoint(path, args) for path in [args.checkpoint, *args.compare]]
+    entries, figures = [entry for entry, _ in analysed], {}
+    for index, ((entry, spectra), label) in enumerate(zip(analysed, unique_labels(entries)), start=1):
+        entry["label"] = label
+        print("\n".join(summary_lines(label, entry)))
         if spectra:
             key, name = affinity_figure(index)
             figures[key] = name
-            save_affinity_figure(spectra, f"{entry['label']}: eigenvalues of P - I", out / name)
+            save_affinity_figure(spectra, f"{label}: eigenvalues of P - I", out / name)
     title = "top {} eigenvalues of sym. $W_z W_g$: {}"
     figures["weights"] = FIGURES["weights"]
     save_weight_figure(entries[0]["blocks"], title.format(args.top, entries[0]["label"]),
