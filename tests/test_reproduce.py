@@ -7,7 +7,7 @@ import torch
 
 from fastnl.app.checkpoint import load_model
 from fastnl.app.reproduce import PAPER_TABLE1, main
-from fastnl.app.results import EMBED, embedded_table
+from fastnl.app.results import embedded_table, markers
 from fastnl.app.spectrum.__main__ import main as spectrum
 from fastnl.models import PRESETS
 
@@ -62,11 +62,13 @@ def test_export_copies_the_records_and_weights_and_the_table_follows_from_them(i
                  "--train-subset", "8"]) == 0
     trained_table = (out / "table1.md").read_text()
     page = tmp_path / "results.md"
-    page.write_text(f"# Results\n\n{EMBED[0]}\nold table\n{EMBED[1]}\n\nReading.\n")
+    other = "\n".join(markers("table1-bf16")) + "\n"  # another table's block stays as it is
+    page.write_text(f"# Results\n\n{markers('table1')[0]}\nold table\n{markers('table1')[1]}\n\n{other}Reading.\n")
     assert main([*rows, "--export", str(dest), "--export-weights", "proposed-2", "--embed", str(page)]) == 0
 
     assert (dest / "table1.md").read_text() == trained_table  # computed again, from the copies
-    assert embedded_table(page.read_text()) == trained_table and page.read_text().endswith("\n\nReading.\n")
+    assert embedded_table(page.read_text(), "table1") == trained_table
+    assert page.read_text().endswith(f"\n\n{other}Reading.\n") and embedded_table(other, "table1-bf16") == "\n"
     for row in ("baseline", "proposed-2"):
         run = dest / row / "seed-0"
         assert sorted(p.name for p in run.iterdir()) == sorted(

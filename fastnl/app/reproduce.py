@@ -135,7 +135,7 @@ def main(argv=None):
     p.add_argument("--export-weights", type=_names, default=[], metavar="ROWS",
                    help="with --export: rows whose final models (weights and config) are copied too")
     p.add_argument("--embed", type=Path, metavar="FILE",
-                   help="with --export: also put the table between FILE's table1.md markers")
+                   help="with --export: also put the table between FILE's markers for DIR's table1.md")
     args, train_args = p.parse_known_args(argv)
     unknown = [row for row in args.rows if row not in PRESETS]
     if unknown:
@@ -150,7 +150,7 @@ def main(argv=None):
                 run_row(row, seed, args.out, train_args)
     table = write_report(args.export or args.out, args.rows, args.seeds)
     if args.embed:
-        embed(args.embed, table)
+        embed(args.embed, table, args.export.name)
     print(table)
     return 0
 

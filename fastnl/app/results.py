@@ -10,8 +10,8 @@ folder under DIR. A run OUT does not hold keeps its earlier copy in DIR, so a ta
 rows can be exported as they finish, across sessions. The table and its figure are
 then written in DIR from the copies, so what the repository shows is what reproduce
 computes from the committed logs; with `--embed FILE` the table also replaces the
-block between the EMBED markers in FILE (docs/results.md), which tests/test_results.py
-checks against the logs too.
+block between DIR's markers in FILE (docs/results.md; named by DIR's last component, so
+one page holds several tables), which tests/test_results.py checks against the logs too.
 """
 import json
 import shutil
@@ -24,8 +24,12 @@ from fastnl.app.checkpoint import CHECKPOINT, load_checkpoint
 RECORDS = ("config.json", "log.json", "log.csv", "final.json", "curves.png")
 WEIGHTS = "model.pt"
 PATH_FIELDS = ("data_dir", "cache_dir")
-EMBED = ("<!-- table1.md, written by python -m fastnl.reproduce table1 --export: do not edit -->",
-         "<!-- end of table1.md -->")
+
+
+def markers(name):
+    """The lines around the embedded copy of export folder `name`'s table1.md."""
+    return (f"<!-- {name}/table1.md, written by python -m fastnl.reproduce table1 --export: do not edit -->",
+            f"<!-- end of {name}/table1.md -->")
 
 
 def portable(config, run_name):
@@ -90,18 +94,20 @@ def export(out, dest, rows, seeds, weight_rows=()):
                 check_exported(Path(dest) / name, weights=row in weight_rows)
 
 
-def embedded_table(text):
-    """The table between the EMBED markers of `text`; ValueError if they are missing."""
-    start, end = text.find(EMBED[0]), text.find(EMBED[1])
-    if start < 0 or end < start:
-        raise ValueError(f"no block between {EMBED[0]!r} and {EMBED[1]!r}")
-    return text[start + len(EMBED[0]):end].strip("\n") + "\n"
+def embedded_table(text, name):
+    """The table between export folder `name`'s markers in `text`; ValueError if they are missing."""
+    begin, end = markers(name)
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"no block between {begin!r} and {end!r}")
+    return text[start + len(begin):stop].strip("\n") + "\n"
 
 
-def embed(path, table):
-    """Put `table` between the EMBED markers of the file at `path`."""
+def embed(path, table, name):
+    """Put `table` between export folder `name`'s markers in the file at `path`."""
     text = Path(path).read_text()
-    embedded_table(text)  # both markers are there
-    head, rest = text.split(EMBED[0], 1)
-    tail = rest.split(EMBED[1], 1)[1]
-    Path(path).write_text(f"{head}{EMBED[0]}\n{table}{EMBED[1]}{tail}")
+    embedded_table(text, name)  # both markers are there
+    begin, end = markers(name)
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    Path(path).write_text(f"{head}{begin}\n{table}{end}{tail}")
