@@ -11,6 +11,7 @@ import matplotlib  # noqa: E402  (after the check above)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _epochs(history):
@@ -19,6 +20,12 @@ def _epochs(history):
 
 def _errors(history):
     return [100 * (1 - row["test_acc"]) for row in history]
+
+
+def _epoch_axis(axes):
+    """Epochs are whole numbers: no ticks at 2.5."""
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _mark_lr_drops(axes, history):
@@ -33,7 +40,7 @@ def plot_run(history, path, title):
     figure, loss_axes = plt.subplots(figsize=(6.4, 4.0))
     loss_axes.plot(_epochs(history), [row["train_loss"] for row in history], color="tab:blue", marker=".",
                    label="train loss")
-    loss_axes.set_xlabel("epoch")
+    _epoch_axis(loss_axes)
     loss_axes.set_ylabel("train loss", color="tab:blue")
     error_axes = loss_axes.twinx()
     error_axes.plot(_epochs(history), _errors(history), color="tab:red", marker=".", label="test error %")
@@ -55,7 +62,7 @@ def plot_runs(panels, path, suptitle):
         if runs:
             _mark_lr_drops(axes, next(iter(runs.values())))
         axes.set_title(title, fontsize=10)
-        axes.set_xlabel("epoch")
+        _epoch_axis(axes)
         axes.set_ylabel("test error %")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
