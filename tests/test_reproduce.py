@@ -52,7 +52,7 @@ def test_runs_recorded_before_the_code_version_still_make_a_table():
               "milestones": [81, 122], "seed": 0, "run": {"device": "cpu"}}
     record = {"config": config, "history": [{"epoch_time_s": 3600.0}], "final": {"test_error": 8.0, "epoch": 164}}
     table = markdown_table({"baseline": [record]})
-    assert "code not recorded" in table and "| baseline | 8.19 | 8.00 |" in table and "| 1.00 | 3600 |" in table
+    assert "code not recorded" in table and "| baseline | 8.19 | 8.00 |" in table and "| 1.00 | 3600 | 164.0 |" in table
 
 
 def test_export_copies_the_records_and_weights_and_the_table_follows_from_them(image_folder, tmp_path, capsys):
