@@ -287,14 +287,18 @@ def test_cli_weights_only(tmp_path):
 
 
 def test_labels_name_the_model_and_tell_apart_checkpoints_of_the_same_one():
-    def entry(path, placement=None, seed=None):
-        config = {"seed": seed, "model": {"placement": placement}} if placement else {}
+    def entry(path, placement=None, seed=None, amp=None):
+        config = {"seed": seed, "amp": amp, "model": {"placement": placement}} if placement else {}
         return {"checkpoint": path, "config": config}
 
     entries = [entry("runs/original-4/seed-0/model.pt", "original-4", 0),
                entry("runs/proposed-4/seed-0/model.pt", "proposed-4", 0),
                entry("a/checkpoint.pt", "proposed-4", 1),
+               entry("runs/table1-bf16/original-4/seed-0/model.pt", "original-4", 0, "bf16"),
                entry("b/checkpoint.pt", "baseline"), entry("c/checkpoint.pt", "baseline"),
+               entry("table1/p/seed-0/model.pt", "proposed-2", 0), entry("table1-x/p/seed-0/model.pt", "proposed-2", 0),
                entry("weights/last.pt")]
-    assert unique_labels(entries) == ["original-4 seed 0", "proposed-4 seed 0", "proposed-4 seed 1",
-                                      "baseline (b/checkpoint)", "baseline (c/checkpoint)", "weights/last"]
+    assert unique_labels(entries) == [
+        "original-4 seed 0", "proposed-4 seed 0", "proposed-4 seed 1", "original-4 seed 0 bf16",
+        "baseline (b/checkpoint)", "baseline (c/checkpoint)",
+        "proposed-2 seed 0 (table1/p/seed-0/model)", "proposed-2 seed 0 (table1-x/p/seed-0/model)", "weights/last"]

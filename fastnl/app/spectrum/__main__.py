@@ -51,18 +51,35 @@ def checkpoint_label(path):
 
 
 def model_label(path, config):
-    """What the checkpoint holds, from its config ("original-4 seed 0"); "run/file" without one."""
+    """What the checkpoint holds, from its config ("original-4 seed 0", "original-4 seed 0 bf16");
+    "run/file" without one."""
     placement = (config.get("model") or {}).get("placement")
     if placement is None:
         return checkpoint_label(path)
-    return placement if config.get("seed") is None else f"{placement} seed {config['seed']}"
+    parts = [placement, *([f"seed {config['seed']}"] if config.get("seed") is not None else []),
+             *([config["amp"]] if config.get("amp") else [])]
+    return " ".join(parts)
+
+
+def distinguishing_paths(paths):
+    """The shortest trailing parts of each path (suffix dropped, at least "run/file") that
+    tell the paths apart: reproduce's runs all end in seed-S/model."""
+    parts = [Path(path).with_suffix("").parts for path in paths]
+    for length in range(2, max(map(len, parts)) + 1):
+        names = ["/".join(part[-length:]) for part in parts]
+        if len(set(names)) == len(names):
+            return names
+    return ["/".join(part) for part in parts]
 
 
 def unique_labels(entries):
-    """Model labels, with "run/file" added to those that two checkpoints share."""
+    """Model labels, with the path that tells them apart added to those that checkpoints share."""
     labels = [model_label(entry["checkpoint"], entry["config"]) for entry in entries]
-    return [f"{label} ({checkpoint_label(entry['checkpoint'])})" if labels.count(label) > 1 else label
-            for label, entry in zip(labels, entries)]
+    shared = [index for index, label in enumerate(labels) if labels.count(label) > 1]
+    paths = distinguishing_paths([entries[index]["checkpoint"] for index in shared])
+    for index, path in zip(shared, paths):
+        labels[index] = f"{labels[index]} ({path})"
+    return labels
 
 
 def evaluation_images(data_dir, dataset, count):
