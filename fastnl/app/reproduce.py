@@ -7,7 +7,8 @@ Each (row, seed) trains with `fastnl.app.engine.train` into OUT/ROW/seed-S (a fi
 is reused, an interrupted one resumed), then the report is written from the runs' own
 records (config.json, log.json, final.json): OUT/table1.md lists the final-epoch test
 error, mean ± sample std over seeds, beside the paper's number, under a header with
-the schedule, precision, seeds, device, code version and wall time; OUT/table1.png
+the schedule, precision, seeds, device and code version, and per row the wall time, the
+median epoch time and what the paper's 164 epochs would take at that median; OUT/table1.png
 draws every row's test error per epoch (same-place rows and different-place rows on
 separate panels). `--report-only` rewrites both from the records without training;
 `--export DIR` copies the finished runs' records (and `--export-weights ROWS`' final
@@ -89,8 +90,9 @@ def markdown_table(runs):
         lines.append("The runs differ in their settings, so rows may not be comparable:")
         lines += [f"- {', '.join(sorted(set(rows)))}: {setting}" for setting, rows in settings.items()]
     # the median epoch says what a row costs (and what the paper's schedule would cost on
-    # the same machine); the wall time also holds whatever slowed or paused a run (a shared
-    # machine, a stopped process)
+    # the same machine); the wall time, the sum of the logged epochs, also holds whatever
+    # slowed or paused an epoch (a shared machine, a stopped process), though not the time
+    # between an interrupted run and its resume
     lines += ["", "| model | paper error % | ours error % (mean ± std) | seeds | per seed | epochs | wall time h "
               f"| median s/epoch | {RECIPE_EPOCHS} epochs h (est.) |", "|---|---|---|---|---|---|---|---|---|"]
     for row, records in runs.items():
