@@ -11,6 +11,7 @@ import torch
 from fastnl.app.checkpoint import load_model
 from fastnl.app.reproduce import PAPER_TABLE1, markdown_table, read_run
 from fastnl.app.results import RECORDS, WEIGHTS, embedded_table
+from fastnl.app.spectrum import weight_spectra
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -20,9 +21,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def runs_of(table_dir):
-    """{row: [run folders]} in the paper's row order: how `reproduce --export` was run."""
-    runs = {row: sorted(table_dir.glob(f"{row}/seed-*")) for row in PAPER_TABLE1}
+    """{row: [run folders, by seed]} in the paper's row order: how `reproduce --export` was run."""
+    runs = {row: sorted(table_dir.glob(f"{row}/seed-*"), key=_seed) for row in PAPER_TABLE1}
     return {row: folders for row, folders in runs.items() if folders}
+
+
+def _seed(run):
+    return int(run.name.removeprefix("seed-"))
 
 
 def all_runs():
@@ -33,8 +38,13 @@ def _run_id(run):
     return str(run.relative_to(RESULTS))
 
 
-def test_the_float32_table_is_committed():
+def test_the_float32_table_is_committed_and_every_folder_is_a_table_of_known_rows():
     assert RESULTS / "table1" in TABLES
+    tables = {path for path in RESULTS.iterdir() if path.is_dir() and path.name != "table1"} | {RESULTS / "table1"}
+    assert tables == set(TABLES)
+    for table_dir in TABLES:
+        rows = {path.name for path in table_dir.iterdir() if path.is_dir() and path.name != "spectrum"}
+        assert rows == set(runs_of(table_dir)), table_dir.name
 
 
 @pytest.mark.parametrize("table_dir", TABLES, ids=lambda path: path.name)
@@ -53,18 +63,24 @@ def test_results_page_embeds_the_committed_table(table_dir):
 def test_one_table_is_trained_by_one_code_version_and_one_setting(table_dir):
     configs = [read_run(folder)["config"] for folders in runs_of(table_dir).values() for folder in folders]
     assert len({config["run"]["code_version"] for config in configs}) == 1
-    shared = ("epochs", "milestones", "lr", "gamma", "batch_size", "amp", "channels_last", "weight_decay")
-    assert len({json.dumps([config[key] for key in shared]) for config in configs}) == 1
+    shared = ("dataset", "arch", "mode", "epochs", "milestones", "lr", "momentum", "gamma", "weight_decay",
+              "batch_size", "amp", "channels_last", "compile", "train_subset", "max_steps")
+    assert len({json.dumps([config[key] for key in shared] + [config["run"]["device"]]) for config in configs}) == 1
+    assert all((config["train_subset"], config["max_steps"]) == (None, None) for config in configs)  # whole epochs
 
 
 def test_the_float32_and_bf16_tables_differ_only_in_precision():
     if not (RESULTS / "table1-bf16").is_dir():
         pytest.skip("the bf16 rows are not committed yet")
-    base, bf16 = (read_run(RESULTS / name / "original-4" / "seed-0")["config"] for name in ("table1", "table1-bf16"))
-    assert (base["amp"], bf16["amp"]) == (None, "bf16")
-    assert base["run"]["code_version"] == bf16["run"]["code_version"]
-    different = {key for key in base if key not in ("amp", "out", "model", "run", "resume") and base[key] != bf16[key]}
-    assert not different and base["model"]["mode"] == bf16["model"]["mode"]
+    base, bf16 = runs_of(RESULTS / "table1"), runs_of(RESULTS / "table1-bf16")
+    assert set(bf16) <= set(base)
+    for row, folders in bf16.items():
+        for folder in folders:
+            ours, theirs = read_run(folder)["config"], read_run(RESULTS / "table1" / row / folder.name)["config"]
+            assert (theirs["amp"], ours["amp"]) == (None, "bf16")
+            assert theirs["run"]["code_version"] == ours["run"]["code_version"]
+            ignored = ("amp", "out", "run", "resume")
+            assert {key for key in theirs if key not in ignored and theirs[key] != ours[key]} == set()
 
 
 @pytest.mark.parametrize("run", all_runs(), ids=_run_id)
@@ -73,7 +89,7 @@ def test_run_records_are_whole_consistent_and_portable(run):
         assert (run / name).exists(), name
     record = read_run(run)
     config, history, final = record["config"], record["history"], record["final"]
-    row, seed = run.parent.name, int(run.name.removeprefix("seed-"))
+    row, seed = run.parent.name, _seed(run)
     assert (config["placement"], config["seed"], config["out"]) == (row, seed, f"{row}/seed-{seed}")
     assert [entry["epoch"] for entry in history] == list(range(1, config["epochs"] + 1))
     assert final["epoch"] == config["epochs"]
@@ -107,13 +123,19 @@ def test_committed_weights_are_the_run_model(run):
     assert sorted(torch.load(run / WEIGHTS, weights_only=True)) == ["config", "model"]  # no optimizer state
 
 
-def test_spectra_are_of_committed_weights():
+def test_spectra_are_of_the_committed_weights():
     spectrum_dir = RESULTS / "table1" / "spectrum"
     result = json.loads((spectrum_dir / "spectrum.json").read_text())
     labels = [entry["label"] for entry in result["checkpoints"]]
     assert labels == ["original-2 seed 0", "original-4 seed 0", "proposed-4 seed 0"]
     for entry in result["checkpoints"]:
-        assert not Path(entry["checkpoint"]).is_absolute() and (ROOT / entry["checkpoint"]).exists()
+        assert not Path(entry["checkpoint"]).is_absolute()
+        model, config = load_model(ROOT / entry["checkpoint"])
+        assert entry["config"] == config
+        recomputed = weight_spectra(model, result["top"])  # the weights' spectra, not a stale copy
+        assert [block["name"] for block in recomputed] == [block["name"] for block in entry["blocks"]]
+        for ours, committed in zip(recomputed, entry["blocks"]):
+            assert ours["eigenvalues"] == pytest.approx(committed["eigenvalues"], rel=1e-6, abs=1e-9)
         assert all(record["disc_distance"] <= 1e-6 for record in entry["affinity"])
     for name in result["figures"].values():
         assert (spectrum_dir / name).read_bytes()[:8] == PNG_MAGIC
