@@ -2,7 +2,8 @@
 
 One run: train loss and test error per epoch, the lr drops marked (curves.png in its
 --out, redrawn after every epoch). Many runs: each run's test error per epoch, one
-panel per group of runs (reproduce's table figure).
+panel per group of runs, each over a zoom on the epochs after the first lr drop
+(reproduce's table figure).
 """
 from fastnl.app._extras import require
 
@@ -53,19 +54,36 @@ def plot_run(history, path, title):
     plt.close(figure)
 
 
+def _first_lr_drop(history):
+    """The last epoch before the lr first drops, or None."""
+    return next((before["epoch"] for before, after in zip(history, history[1:]) if after["lr"] < before["lr"]), None)
+
+
 def plot_runs(panels, path, suptitle):
-    """panels: {panel title: {run label: history}} -> one figure of test error % per epoch."""
-    figure, axes_row = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
-    for axes, (title, runs) in zip(axes_row[0], panels.items()):
+    """panels: {panel title: {run label: history}} -> one figure of test error % per epoch.
+
+    Under each panel, the same runs from the first lr drop on, on their own y-scale: the
+    full curves span tens of points, the rows differ by tenths at the end."""
+    figure, axes_grid = plt.subplots(2, len(panels), figsize=(6.0 * len(panels), 7.6), squeeze=False,
+                                     height_ratios=(3, 2))
+    for column, (title, runs) in enumerate(panels.items()):
+        axes, zoom = axes_grid[0][column], axes_grid[1][column]
+        first = next(iter(runs.values()), [])
+        start = _first_lr_drop(first)
         for label, history in runs.items():
-            axes.plot(_epochs(history), _errors(history), marker=".", linewidth=1.2, label=label)
-        if runs:
-            _mark_lr_drops(axes, next(iter(runs.values())))
+            line, = axes.plot(_epochs(history), _errors(history), marker=".", linewidth=1.2, label=label)
+            late = [row for row in history if start is not None and row["epoch"] > start]
+            zoom.plot(_epochs(late), _errors(late), marker=".", linewidth=1.2, color=line.get_color())
+        _mark_lr_drops(axes, first)
+        _mark_lr_drops(zoom, [row for row in first if start is not None and row["epoch"] > start])
         axes.set_title(title, fontsize=10)
-        _epoch_axis(axes)
-        axes.set_ylabel("test error %")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        zoom.set_title("from the first lr drop on" if start is not None else "(no lr drop)", fontsize=9)
+        for each in (axes, zoom):
+            _epoch_axis(each)
+            each.set_ylabel("test error %")
+            each.grid(alpha=0.3)
+        if runs:
+            axes.legend(fontsize=8)
     figure.suptitle(suptitle, fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
