@@ -298,6 +298,7 @@ def test_labels_name_the_model_and_tell_apart_checkpoints_of_the_same_one():
                entry("b/checkpoint.pt", "baseline"), entry("c/checkpoint.pt", "baseline"),
                entry("table1/p/seed-0/model.pt", "proposed-2", 0), entry("table1-x/p/seed-0/model.pt", "proposed-2", 0),
                entry("weights/last.pt")]
+    assert unique_labels(entries[:3]) == ["original-4 seed 0", "proposed-4 seed 0", "proposed-4 seed 1"]  # none shared
     assert unique_labels(entries) == [
         "original-4 seed 0", "proposed-4 seed 0", "proposed-4 seed 1", "original-4 seed 0 bf16",
         "baseline (b/checkpoint)", "baseline (c/checkpoint)",

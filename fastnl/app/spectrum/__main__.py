@@ -65,7 +65,7 @@ def distinguishing_paths(paths):
     """The shortest trailing parts of each path (suffix dropped, at least "run/file") that
     tell the paths apart: reproduce's runs all end in seed-S/model."""
     parts = [Path(path).with_suffix("").parts for path in paths]
-    for length in range(2, max(map(len, parts)) + 1):
+    for length in range(2, max(map(len, parts), default=0) + 1):
         names = ["/".join(part[-length:]) for part in parts]
         if len(set(names)) == len(names):
             return names
