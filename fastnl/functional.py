@@ -16,9 +16,11 @@ def _operands(query, key, value, center, kernel, scale):
     then checked: errors name the argument."""
     if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
         dtype = torch.get_autocast_dtype(query.device.type)
+        value_is_center = center is value  # cast once, and stay one tensor (fastnl.ops uses that)
         query, key, value, center = (
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (query, key, value, center))
+            for t in (query, key, value, None if value_is_center else center))
+        center = value if value_is_center else center
     check_operands(query, key, value, center, kernel, scale)
     return query, key, value, center
 

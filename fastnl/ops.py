@@ -89,6 +89,11 @@ def _softmax_grads(ctx, grad_out, out, log_normalizer):
     grad_query, grad_key, grad_value = softmax_backward(
         grad_out, query, key, value, center, out, log_normalizer, ctx.scale, ctx.backend
     )
+    if ctx.center_is_value:
+        # the stage's call: g(z) is both, so its one gradient is the value's minus grad_out,
+        # written in place (a - b is a + (-b) bit for bit), without a negated copy for
+        # autograd to add
+        return grad_query, grad_key, grad_value.sub_(grad_out), None
     grad_center = -grad_out if center is not None else None
     return grad_query, grad_key, grad_value, grad_center
 
@@ -97,7 +102,7 @@ def _setup_softmax(ctx, inputs, output):
     query, key, value, center, scale, backend = inputs
     out, log_normalizer = output
     ctx.save_for_backward(query, key, value, center, out, log_normalizer)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.backend, ctx.center_is_value = scale, backend, center is value
     ctx.mark_non_differentiable(log_normalizer)
 
 
@@ -109,7 +114,7 @@ def _backward_softmax(ctx, grad_out, grad_log_normalizer):
 def _setup_softmax_with_log_normalizer(ctx, inputs, output):
     query, key, value, center, log_normalizer, scale, backend = inputs
     ctx.save_for_backward(query, key, value, center, output, log_normalizer)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.backend, ctx.center_is_value = scale, backend, center is value
 
 
 def _backward_softmax_with_log_normalizer(ctx, grad_out):

@@ -122,3 +122,24 @@ def test_non_contiguous_inputs(backend, kernel):
         fastnl.nonlocal_diffuse(*strided, kernel=kernel, backend=backend),
         reference.diffuse(query, key, value, center, kernel=kernel),
     )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_value_as_its_own_center(backend, kernel):
+    """The stage's call, diffuse(q, k, v, v): gradcheck in float64, and in float32 the same
+    gradient bit for bit as for a separate copy of v as the center (the two gradients summed)."""
+    query, key, value = [t.requires_grad_() for t in make_inputs((2, 7, 7, 3, 4), torch.float64, kernel=kernel)[:3]]
+    if kernel == "concat":  # keep every q_i + k_j away from relu's kink
+        query = (query.detach() + 0.05 * torch.sign(query.detach())).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fastnl.nonlocal_diffuse(q, k, v, v, kernel=kernel, scale=0.7, backend=backend),
+        (query, key, value))
+    query, key, value, _, _ = make_inputs((2, 40, 40, 8, 6), torch.float32, kernel=kernel)
+    value, copy = value.clone().requires_grad_(), value.clone().requires_grad_()
+    grad_out = torch.randn(2, 40, 6)
+    out = fastnl.nonlocal_diffuse(query, key, value, value, kernel=kernel, backend=backend)
+    (grad,) = torch.autograd.grad(out, value, grad_out)
+    separate = fastnl.nonlocal_diffuse(query, key, value, copy, kernel=kernel, backend=backend)
+    grad_value, grad_center = torch.autograd.grad(separate, (value, copy), grad_out)
+    assert torch.equal(separate, out) and torch.equal(grad, grad_value + grad_center)
