@@ -29,11 +29,15 @@ def _epoch_axis(axes):
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _lr_drops(history):
+    """The epochs whose successor trains at a lower lr."""
+    return [before["epoch"] for before, after in zip(history, history[1:]) if after["lr"] < before["lr"]]
+
+
 def _mark_lr_drops(axes, history):
     """Vertical lines after the epochs whose successor trains at a lower lr."""
-    for before, after in zip(history, history[1:]):
-        if after["lr"] < before["lr"]:
-            axes.axvline(before["epoch"] + 0.5, color="grey", linestyle=":", linewidth=1)
+    for epoch in _lr_drops(history):
+        axes.axvline(epoch + 0.5, color="grey", linestyle=":", linewidth=1)
 
 
 def plot_run(history, path, title):
@@ -56,7 +60,12 @@ def plot_run(history, path, title):
 
 def _first_lr_drop(history):
     """The last epoch before the lr first drops, or None."""
-    return next((before["epoch"] for before, after in zip(history, history[1:]) if after["lr"] < before["lr"]), None)
+    return next(iter(_lr_drops(history)), None)
+
+
+def _after(history, epoch):
+    """The rows of `history` after `epoch` (none if `epoch` is None)."""
+    return [row for row in history if epoch is not None and row["epoch"] > epoch]
 
 
 def plot_runs(panels, path, suptitle):
@@ -72,10 +81,10 @@ def plot_runs(panels, path, suptitle):
         start = _first_lr_drop(first)
         for label, history in runs.items():
             line, = axes.plot(_epochs(history), _errors(history), marker=".", linewidth=1.2, label=label)
-            late = [row for row in history if start is not None and row["epoch"] > start]
+            late = _after(history, start)
             zoom.plot(_epochs(late), _errors(late), marker=".", linewidth=1.2, color=line.get_color())
         _mark_lr_drops(axes, first)
-        _mark_lr_drops(zoom, [row for row in first if start is not None and row["epoch"] > start])
+        _mark_lr_drops(zoom, _after(first, start))
         axes.set_title(title, fontsize=10)
         zoom.set_title("from the first lr drop on" if start is not None else "(no lr drop)", fontsize=9)
         for each in (axes, zoom):
