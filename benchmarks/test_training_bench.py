@@ -12,6 +12,8 @@ embeddings, BatchNorm and residuals around. The section after the tables prints 
 ratios against the training-speed bars, each twice: as the ratio of the two groups'
 medians, and paired: the median over PAIRS alternating steps of one against the other,
 which a machine whose speed drifts between the groups (a shared VM) moves far less.
+Then the floor under the step ratio: the baseline's step plus the stage's op calls, the
+ratio a module costing nothing besides its nonlocal sums would reach.
 """
 import contextlib
 import statistics
@@ -163,6 +165,23 @@ def test_bar_paired(benchmark, bar):
         summary.VALUES[f"paired: {bar}"] = ratio
 
 
+# step setting -> the precision of the stage group whose op calls run in it
+FLOOR_PRECISION = {"float32 channels_last": "float32", "bf16 channels_last": "bf16"}
+
+
+def _floor_lines():
+    """The lowest proposed-3 / baseline step ratio today's kernels allow: a stage that
+    cost nothing but its op calls would add exactly them to the baseline's step."""
+    lines = []
+    for setting, precision in FLOOR_PRECISION.items():
+        baseline = summary.median(_group(setting), "baseline")
+        op_calls = summary.median(f"{STAGE} {precision}", "op calls")
+        if None not in (baseline, op_calls):
+            lines.append(f"proposed-3 / baseline floor, {setting}: (baseline {baseline * 1e3:.0f} ms + the stage's "
+                         f"op calls alone {op_calls * 1e3:.0f} ms) / baseline = {1 + op_calls / baseline:.2f}")
+    return lines
+
+
 @summary.section("fastnl training speed: the bars (medians from the groups above, and paired; lower is better)")
 def _bars():
     bars = []
@@ -170,7 +189,7 @@ def _bars():
         bars.append((name, summary.ratio(group, slower, faster), bar))
         if paired is not None:
             bars.append((f"  paired, {PAIRS} alternating steps", summary.VALUES.get(f"paired: {name}"), bar))
-    lines = summary.bar_lines(bars, lower_is_better=True)
+    lines = summary.bar_lines(bars, lower_is_better=True) + _floor_lines()
     for setting in SETTINGS:
         baseline = summary.median(_group(setting), "baseline")
         if baseline is not None:
