@@ -73,6 +73,7 @@ def test_training_step(benchmark, record, setting, preset):
 
 
 STAGE_CHANNELS, STAGE_BLOCKS, STAGE_SIDE = 32, 3, 16
+STAGE = f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} {STAGE_SIDE}x{STAGE_SIDE}"
 
 
 def _stage_step(dtype):
@@ -111,8 +112,7 @@ def _op_calls_step(dtype):
 @pytest.mark.parametrize("implementation", ["stage", "op calls"])
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_stage_against_its_op_calls(benchmark, record, precision, implementation):
-    benchmark.group = (f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} "
-                       f"{STAGE_SIDE}x{STAGE_SIDE} {precision}")
+    benchmark.group = f"{STAGE} {precision}"
     dtype = torch.bfloat16 if precision == "bf16" else None
     step = _stage_step(dtype) if implementation == "stage" else _op_calls_step(dtype)
     benchmark.pedantic(step, rounds=10, warmup_rounds=3)
@@ -140,7 +140,6 @@ def _stage_steps(dtype):
     return lambda: [_stage_step(dtype), _op_calls_step(dtype)]
 
 
-STAGE = f"NonlocalStage({STAGE_CHANNELS}, num_blocks={STAGE_BLOCKS}) fwd+bwd B{BATCH} {STAGE_SIDE}x{STAGE_SIDE}"
 # bar name -> (group, slower, faster, bar or None, builder of the two steps for the paired ratio or None)
 BARS = {
     "proposed-3 / baseline step, float32": (_group("float32"), "proposed-3", "baseline", None, None),
