@@ -1,6 +1,6 @@
 """What is particular to the cpp backend (csrc/cpu): determinism across thread counts,
 strides, the denormal mode, its operators' own checks, the build fallback, and the
-native bfloat16 softmax (AVX512-BF16) with its float32 fallback. Its comparison with
+native bfloat16 softmax (AMX tiles or vdpbf16ps) with its float32 fallback. Its comparison with
 the reference, tile edges included, is tests/test_backends.py's.
 
 The first run compiles the kernels (torch's extension cache keeps them).
@@ -20,21 +20,35 @@ pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not
 
 KERNELS = affinities.names()  # every registered kernel
 
+# the native kernels' two kinds of bf16 products, as bfloat16_path() names them
+PRODUCTS = ["amx", "avx512-bf16"]
+
+
+def choose_products(monkeypatch, products):
+    """The native kernels chosen (FASTNL_CPP_BFLOAT16=native), their products on AMX tiles
+    or, with oneDNN turned off, on vdpbf16ps; skipped where this CPU has no such path."""
+    if not cpp._bfloat16_kernels():
+        pytest.skip(f"no native bfloat16 here: {cpp.bfloat16_path()}")
+    if products == "amx" and not cpp._bfloat16_amx():
+        pytest.skip("no AMX products here (no AMX, or oneDNN disabled)")
+    monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
+    if products == "avx512-bf16":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert cpp.bfloat16_path() == products
+
 
 def forward_backward(inputs, kernel):
     """[out, grads] of diffuse on the cpp backend for (query, key, value, center, grad_out)."""
     return backend_results(kernel, "diffuse", "cpp", *inputs, 0.5)
 
 
-@pytest.mark.parametrize("kernel, dtype", [(kernel, torch.float32) for kernel in KERNELS]
-                         + [("softmax", torch.bfloat16)], ids=str)
-def test_one_and_two_threads_agree_bitwise(kernel, dtype, monkeypatch):
+@pytest.mark.parametrize("kernel, dtype, products", [(kernel, torch.float32, None) for kernel in KERNELS]
+                         + [("softmax", torch.bfloat16, products) for products in PRODUCTS], ids=str)
+def test_one_and_two_threads_agree_bitwise(kernel, dtype, products, monkeypatch):
     """Work is split by shape, never by thread count, and summed in a fixed order
-    (bfloat16: on the native kernels)."""
+    (bfloat16: on the native kernels, with either kind of products)."""
     if dtype == torch.bfloat16:
-        if not cpp._bfloat16_kernels():
-            pytest.skip(f"no native bfloat16 here: {cpp.bfloat16_path()}")
-        monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
+        choose_products(monkeypatch, products)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -117,10 +131,15 @@ def test_failed_build_falls_back_to_torch_with_one_warning(broken_build):
 # --- bfloat16 -------------------------------------------------------------------------
 
 
+@pytest.fixture(params=PRODUCTS)
+def native_bfloat16(request, monkeypatch):
+    """The native kernels chosen, once with each kind of products."""
+    choose_products(monkeypatch, request.param)
+
+
 def native_only(test):
-    """`test` with the native kernels chosen (FASTNL_CPP_BFLOAT16=native); skipped where none are built."""
-    skip = pytest.mark.skipif(not cpp._bfloat16_kernels(), reason=f"no native bfloat16 here: {cpp.bfloat16_path()}")
-    return skip(pytest.mark.usefixtures("native_bfloat16")(test))
+    """`test` on the native kernels, once per kind of products; skipped where none are built."""
+    return pytest.mark.usefixtures("native_bfloat16")(test)
 
 
 # The paper's three stages at reduced B: (B, N, M, D, E)
@@ -134,26 +153,31 @@ BFLOAT16_TOLERANCE = {"out": 5e-3, "grad_query": 1.5e-2, "grad_key": 1.5e-2, "gr
 
 
 @pytest.fixture
-def native_bfloat16(monkeypatch):
-    """The native kernels chosen, as FASTNL_CPP_BFLOAT16=native does."""
-    monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
-
-
-@pytest.fixture
 def float32_bfloat16(monkeypatch):
     """The fallback: the CPU without AVX512-BF16, as far as the backend can tell."""
     monkeypatch.setattr(cpp, "_bfloat16_kernels", lambda: False)
 
 
 def test_bfloat16_path_follows_the_cpu_and_the_choice(monkeypatch):
-    """float32 by default; native when chosen where the CPU has AVX512-BF16 under an
-    AVX512 build; else float32 with the reason."""
+    """Unset: native where its products run on AMX, else float32; "native" where the CPU
+    has AVX512-BF16 under an AVX512 build, on AMX or (oneDNN off) vdpbf16ps; "float32"
+    when chosen; without the kernels float32 with the reason."""
+    monkeypatch.delenv(cpp.BFLOAT16_CHOICE, raising=False)
     if cpp._bfloat16_unbuildable() is None:
         assert torch.ops.fastnl_cpp.bfloat16_native()
-        default = f"float32 (the default; {cpp.BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels)"
-        assert cpp.bfloat16_path() == default
+        default = (f"float32 (the default without AMX: {cpp.BFLOAT16_CHOICE}=native selects the AVX512-BF16 "
+                   f"kernels, on vdpbf16ps here)")
+        amx = cpp._bfloat16_amx()
+        assert cpp.bfloat16_path() == ("amx" if amx else default)
+        with monkeypatch.context() as without_onednn:
+            without_onednn.setattr(torch.backends.mkldnn, "enabled", False)
+            assert not cpp._bfloat16_amx() and cpp.bfloat16_path() == default
+            without_onednn.setenv(cpp.BFLOAT16_CHOICE, "native")
+            assert cpp.bfloat16_path() == "avx512-bf16"
         monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
-        assert cpp.bfloat16_path() == "avx512-bf16"
+        assert cpp.bfloat16_path() == ("amx" if amx else "avx512-bf16")
+        monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "float32")
+        assert cpp.bfloat16_path() == f"float32 (chosen by {cpp.BFLOAT16_CHOICE}=float32)"
     else:
         assert cpp.bfloat16_path() == f"float32 ({cpp._bfloat16_unbuildable()})"
     monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "fast")
@@ -175,9 +199,11 @@ def test_bfloat16_model_shapes_per_output(shape):
 
 
 @native_only
-@pytest.mark.parametrize("shape", [(2, 129, 67, 16, 16), (2, 33, 41, 7, 5), (1, 97, 301, 32, 24)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 129, 67, 16, 16), (2, 33, 41, 7, 5), (1, 97, 301, 32, 24), (2, 300, 263, 6, 4)],
+                         ids=str)
 def test_bfloat16_odd_sizes(shape):
-    """N, M off the tiles and odd; odd D and E leave a contraction's last pair half empty."""
+    """N, M off the tiles and odd; odd D and E leave a contraction's last pair half empty
+    (on AMX they take vdpbf16ps); even D, E narrower than a vector pad the products."""
     inputs = make_inputs(shape, torch.bfloat16)
     assert_matches_reference(backend_results("softmax", "diffuse", "cpp", *inputs, 0.7), "softmax", "diffuse",
                              *inputs, 0.7)

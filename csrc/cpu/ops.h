@@ -33,6 +33,9 @@ std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const
 // (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the
 // instructions), and the CPU running the library has them (cpuid).
 bool bfloat16_native();
+// Whether their bfloat16 products run on AMX tiles (oneDNN's brgemm) for even D and E:
+// the CPU and OS allow AMX and torch.backends.mkldnn is enabled; else on vdpbf16ps.
+bool bfloat16_amx();
 
 // Shapes, dtype, device and contiguity of the operands (bfloat16 among the dtypes when
 // `bfloat16` is true); errors name the argument.

@@ -2,6 +2,7 @@
 // argument checks shared by all of them. fastnl/backends/cpp.py calls these through
 // torch.ops.fastnl_cpp; fastnl's Python custom ops stay the public operators.
 #include "ops.h"
+#include "tile_math.h"
 
 #include <torch/library.h>
 
@@ -21,6 +22,8 @@ bool bfloat16_native() {
   return false;
 #endif
 }
+
+bool bfloat16_amx() { return bfloat16_native() && amx_products<c10::BFloat16>(2, 2); }
 
 void check_operands(const Tensor& query, const Tensor& key, const Tensor& value, const OptionalTensor& center,
                     bool bfloat16) {
@@ -48,6 +51,7 @@ void check_operands(const Tensor& query, const Tensor& key, const Tensor& value,
 
 TORCH_LIBRARY(fastnl_cpp, m) {
   m.def("bfloat16_native() -> bool", &fastnl::bfloat16_native);  // no tensors: one kernel for every device
+  m.def("bfloat16_amx() -> bool", &fastnl::bfloat16_amx);
   m.def(
       "softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
       "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");

@@ -15,7 +15,10 @@
 // Every work item runs with denormals flushed to zero (tile_math.h, FlushDenormals).
 // The operands are float32, float64 or, built with AVX512-BF16, bfloat16: tile_math.h's
 // Product says how the products read them; logits, P, dS, statistics and accumulators
-// are then float32, P and dS rounded to bf16 only as the next product's operand.
+// are then float32, P and dS rounded to bf16 only as the next product's operand. A
+// bf16 product reads its A operand row-major (matmul_rows: AMX tiles or vdpbf16ps), so
+// the operands a product contracts over their rows (V, dO, Q) are transposed once, where
+// float products read them in place through strides.
 #include "ops.h"
 #include "tile_math.h"
 
@@ -25,6 +28,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 
 namespace fastnl {
@@ -36,6 +40,11 @@ constexpr int64_t kForwardQueryTile = 64;
 constexpr int64_t kForwardKeyTile = 128;
 constexpr int64_t kBackwardQueryTile = 32;
 constexpr int64_t kBackwardKeyTile = 128;
+// with AMX products: 4x the pairs a tile, so that each brgemm call (a few hundred ns of
+// fixed cost, and a tile configuration at every change of shape) carries more work
+// (bf16 backward at B=128, N=256, D=16, E=16: 6.8 ms at 32 x 128, 5.7 at 64 x 256)
+constexpr int64_t kAmxBackwardQueryTile = 64;
+constexpr int64_t kAmxBackwardKeyTile = 256;
 constexpr int64_t kMinWorkItems = 16;  // backward: groups per batch = ceil(16 / B)
 
 // Calls fn with D as a compile-time constant for the small widths, 0 (runtime) otherwise.
@@ -70,13 +79,40 @@ inline Vec<A> load_logits(const A* at, const Vec<A>& scale) {
   }
 }
 
+// Where a softmax pass leaves the probabilities p[0..G) of rows j..j+G-1 of a logits^T
+// tile, lanes v * L on (at_logits, at_pairs): floats in place of the logits, bf16 straight
+// into the row pairs p v reads, so the float32 tile is not read again.
+template <typename Op, typename A>
+inline void store_probabilities(const Vec<A>* p, A* at_logits, Op* at_pairs) {
+  if constexpr (Product<Op>::kGroup > 1) {
+    Product<Op>::store_pairs(p[0], p[1], at_pairs);
+  } else {
+    p[0].store(at_logits);
+  }
+}
+
+// The probabilities of rows j..j+G-1 (a row past `keys` is zero), lanes v * L:
+// exp(logit - shift), stored where p v reads them; returns them to be summed.
+template <bool SCALE, typename Op, typename A, int64_t G = Product<Op>::kGroup>
+inline std::array<Vec<A>, G> probabilities(A* logits, Op* pairs, int64_t keys, int64_t j, int v, const Vec<A>& factor,
+                                           const Vec<A>& shift) {
+  constexpr int64_t L = Vec<A>::size();
+  std::array<Vec<A>, G> p;
+  for (int64_t g = 0; g < G; ++g)
+    p[g] = j + g < keys ? fast_exp(load_logits<SCALE>(logits + (j + g) * kForwardQueryTile + v * L, factor) - shift)
+                        : Vec<A>(A(0));
+  store_probabilities(p.data(), logits + j * kForwardQueryTile + v * L, pairs + j * kForwardQueryTile + G * v * L);
+  return p;
+}
+
 // Online softmax over one logits^T tile (keys rows, Q columns): new column maxima, the
-// correction factors of what was accumulated under the old ones, probabilities in
-// place of the logits, running sums. NaN may be skipped by the maxima (clamp_min is a
-// plain max): fast_exp carries it into the sums, so a NaN logit makes its query NaN.
-template <bool SCALE, typename T>
-void online_softmax_columns(T* logits, int64_t keys, T scale, T* column_max, T* correction, T* column_sum) {
-  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
+// correction factors of what was accumulated under the old ones, probabilities where
+// p v reads them (store_probabilities), running sums. NaN may be skipped by the maxima
+// (clamp_min is a plain max): fast_exp carries it into the sums, so a NaN logit makes
+// its query NaN.
+template <bool SCALE, typename Op, typename T>
+void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* column_max, T* correction, T* column_sum) {
+  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
   Vec<T> new_max[V], tile_sum[V];
   for (int v = 0; v < V; ++v) new_max[v] = Vec<T>::loadu(column_max + v * L);
@@ -90,55 +126,26 @@ void online_softmax_columns(T* logits, int64_t keys, T scale, T* column_max, T* 
   }
   // the tile's own sums, added to the running ones once: a column's sum is a few short
   // chains, not one of M terms (float32 error ~ M eps: 6x larger at M = 4096)
-  for (int64_t j = 0; j < keys; ++j)
-    for (int v = 0; v < V; ++v) {
-      T* at = logits + j * kForwardQueryTile + v * L;
-      const Vec<T> p = fast_exp(load_logits<SCALE>(at, factor) - new_max[v]);
-      p.store(at);
-      tile_sum[v] = tile_sum[v] + p;
-    }
+  for (int64_t j = 0; j < keys; j += G)
+    for (int v = 0; v < V; ++v)
+      for (const Vec<T>& p : probabilities<SCALE>(logits, pairs, keys, j, v, factor, new_max[v]))
+        tile_sum[v] = tile_sum[v] + p;
   for (int v = 0; v < V; ++v) {
     const Vec<T> running = Vec<T>::loadu(column_sum + v * L) * Vec<T>::loadu(correction + v * L);
     (running + tile_sum[v]).store(column_sum + v * L);
   }
 }
 
-// p = exp(logit - log_normalizer) over a logits^T tile, the columns' log-normalizers known.
-template <bool SCALE, typename T>
-void known_softmax_columns(T* logits, int64_t keys, T scale, const T* column_log_normalizer) {
-  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L;
+// p = exp(logit - log_normalizer) over a logits^T tile, the columns' log-normalizers
+// known; stored where p v reads them.
+template <bool SCALE, typename Op, typename T>
+void known_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, const T* column_log_normalizer) {
+  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
   Vec<T> shift[V];
   for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_log_normalizer + v * L);
-  for (int64_t j = 0; j < keys; ++j)
-    for (int v = 0; v < V; ++v) {
-      T* at = logits + j * kForwardQueryTile + v * L;
-      fast_exp(load_logits<SCALE>(at, factor) - shift[v]).store(at);
-    }
-}
-
-// Float results (rows, width; probabilities, dS) as the operand of a product contracted
-// over their rows: themselves where the products read floats, else packed into `packed`.
-template <typename T>
-const T* row_operand(const Acc<T>* values, int64_t rows, int64_t width, Buffer<T>& packed) {
-  if constexpr (std::is_same_v<T, Acc<T>>) {
-    return values;
-  } else {
-    Product<T>::pack_row_pairs(values, rows, width, width, packed.data());
-    return packed.data();
-  }
-}
-
-// Float results (dS for dQ) as the operand of a product contracted along each row:
-// themselves where the products read floats, else rounded in the same layout.
-template <typename T>
-const T* rounded_operand(const Acc<T>* values, int64_t count, Buffer<T>& rounded) {
-  if constexpr (std::is_same_v<T, Acc<T>>) {
-    return values;
-  } else {
-    Product<T>::round(values, count, rounded.data());
-    return rounded.data();
-  }
+  for (int64_t j = 0; j < keys; j += G)
+    for (int v = 0; v < V; ++v) probabilities<SCALE>(logits, pairs, keys, j, v, factor, shift[v]);
 }
 
 // known: log_normalizer holds the rows' log-sum-exp (one pass); else it receives it.
@@ -151,20 +158,27 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
   const int64_t query_tiles = (N + Q - 1) / Q, key_tile = std::min(kForwardKeyTile, M);
-  // p v contracts over the keys: V's rows in groups (a copy in pairs, once, for bf16)
-  const int64_t value_rows = round_up(M, G);
-  Buffer<T> value_groups(G > 1 ? s.batch * value_rows * E : 0);
+  const bool amx = amx_products<T>(D, E);
+  // p v contracts over the keys: bf16 reads V^T, (E, M) a batch (a copy, once)
+  const int64_t value_columns = round_up(M, G);
+  Buffer<T> value_t(G > 1 ? s.batch * E * value_columns : 0);
   if (G > 1)
     at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        pack_rows(value + b * M * E, M, E, value_groups.data() + b * value_rows * E, E);
+        transpose_rows(value + b * M * E, M, E, value_t.data() + b * E * value_columns, value_columns);
     });
-  const T* value_operand = G > 1 ? value_groups.data() : value;
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
+    const ReleaseTiles release(amx);
     Buffer<T> query_t(round_up(D, G) * Q), probs(G > 1 ? round_up(key_tile, G) * Q : 0);
     Buffer<A> logits(key_tile * Q), acc(E * Q);
-    Buffer<A> column_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q);
+    Buffer<A> column_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q), out_rows(Q * E);
+    T* probs_out = nullptr;  // where the softmax leaves P^T for p v (store_probabilities)
+    if constexpr (G > 1) {
+      probs_out = probs.data();
+    } else {
+      probs_out = logits.data();
+    }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / query_tiles, q0 = (item % query_tiles) * Q;
       const int64_t rows = std::min(Q, N - q0);
@@ -180,11 +194,11 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       }
       for (int64_t k0 = 0; k0 < M; k0 += kForwardKeyTile) {
         const int64_t keys = std::min(kForwardKeyTile, M - k0);
-        matmul_tile<T, DEPTH>(keys, Q, D, key + (b * M + k0) * D, D, G, query_t.data(), Q, logits.data(), Q, false);
+        matmul_rows<T, DEPTH>(amx, keys, Q, D, key + (b * M + k0) * D, D, query_t.data(), Q, logits.data(), Q, false);
         if (known) {
-          known_softmax_columns<kScale>(logits.data(), keys, scale, column_log_normalizer.data());
+          known_softmax_columns<kScale>(logits.data(), probs_out, keys, scale, column_log_normalizer.data());
         } else {
-          online_softmax_columns<kScale>(logits.data(), keys, scale, column_max.data(), correction.data(),
+          online_softmax_columns<kScale>(logits.data(), probs_out, keys, scale, column_max.data(), correction.data(),
                                          column_sum.data());
           // running maxima changed: rescale what was accumulated under the old ones
           for (int64_t e = 0; e < E; ++e)
@@ -193,14 +207,20 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
               (Vec<A>::loadu(at) * Vec<A>::loadu(correction.data() + c)).store(at);
             }
         }
-        matmul_tile<T>(E, Q, keys, value_operand + (b * value_rows + k0) * E, G, G * E,
-                       row_operand(logits.data(), keys, Q, probs), Q, acc.data(), Q, true);
+        if constexpr (G > 1) {
+          matmul_rows<T>(amx, E, Q, keys, value_t.data() + b * E * value_columns + k0, value_columns, probs.data(), Q,
+                         acc.data(), Q, true);
+        } else {
+          matmul_tile<T>(E, Q, keys, value + (b * M + k0) * E, 1, E, logits.data(), Q, acc.data(), Q, true);
+        }
       }
+      at::vec::transpose_mxn<A>(acc.data(), Q, out_rows.data(), E, E, rows);  // acc^T -> rows (Q, E)
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * N + q0 + r;
         const A inverse = known ? A(1) : A(1) / column_sum[r];
-        for (int64_t e = 0; e < E; ++e)
-          out[i * E + e] = T(acc[e * Q + r] * inverse - (center ? A(center[i * E + e]) : A(0)));
+        A* row = out_rows.data() + r * E;
+        for (int64_t e = 0; e < E; ++e) row[e] = row[e] * inverse - (center ? A(center[i * E + e]) : A(0));
+        at::vec::convert(row, out + i * E, E);
         if (!known) log_normalizer[i] = column_max[r] + std::log(column_sum[r]);
       }
     }
@@ -214,12 +234,15 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   constexpr bool kScale = Product<T>::kScalesLogits;
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
   const int64_t key_stride = row_stride<A>(M), padded_d = padded<A>(D);
-  const int64_t tile_columns = padded<A>(std::min(kBackwardKeyTile, M));
-  const int64_t query_tiles = (N + kBackwardQueryTile - 1) / kBackwardQueryTile;
+  const bool amx = amx_products<T>(D, E);
+  const int64_t tile_queries = amx ? kAmxBackwardQueryTile : kBackwardQueryTile;
+  const int64_t tile_keys = amx ? kAmxBackwardKeyTile : kBackwardKeyTile;
+  const int64_t tile_columns = padded<A>(std::min(tile_keys, M));
+  const int64_t query_tiles = (N + tile_queries - 1) / tile_queries;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / std::max<int64_t>(1, s.batch));
   const int64_t tiles_per_group = std::max<int64_t>(1, (query_tiles + wanted_groups - 1) / wanted_groups);
   const int64_t groups = std::max<int64_t>(1, (query_tiles + tiles_per_group - 1) / tiles_per_group);
-  const int64_t group_rows = tiles_per_group * kBackwardQueryTile;
+  const int64_t group_rows = tiles_per_group * tile_queries;
   // dQ += dS K: for D = 8 in 16-lane vectors of floats contracted along the keys (matmul_lanes_8)
   constexpr bool kLaneGradQuery = DEPTH == 8 && G == 1 && Vec<A>::size() == 16;
   const int64_t grad_q_stride = kLaneGradQuery ? D : padded_d;
@@ -228,16 +251,17 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    // the group's query rows as q.k reads them (scaled unless kScale), and the rows of
-    // Q and dO in groups for dK^T += Q^T dS, dV^T += dO^T P (themselves for floats)
+    const ReleaseTiles release(amx);
+    // the group's query rows as q.k reads them (scaled unless kScale), and for bf16 Q^T
+    // and dO^T, the row-major A of dK^T += Q^T dS, dV^T += dO^T P (floats: strides)
     Buffer<T> scaled_query(group_rows * D);
-    Buffer<T> query_groups(G > 1 ? group_rows * D : 0), grad_out_groups(G > 1 ? group_rows * E : 0);
+    Buffer<T> query_t(G > 1 ? D * group_rows : 0), grad_out_t(G > 1 ? E * group_rows : 0);
     Buffer<A> delta(group_rows), grad_q(group_rows * grad_q_stride);
     Buffer<T> key_t(round_up(D, G) * tile_columns), value_t(round_up(E, G) * tile_columns);
     Buffer<T> key_rows(kLaneGradQuery ? 0 : tile_columns * padded_d);  // dQ's K rows, off the lane path
-    Buffer<A> probs(kBackwardQueryTile * tile_columns), grad_logits(kBackwardQueryTile * tile_columns);
+    Buffer<A> probs(tile_queries * tile_columns), grad_logits(tile_queries * tile_columns);
     // bf16: P and dS in row pairs, and dS rounded in place of its rows for dQ
-    Buffer<T> probs_groups(G > 1 ? kBackwardQueryTile * tile_columns : 0);
+    Buffer<T> probs_groups(G > 1 ? tile_queries * tile_columns : 0);
     Buffer<T> grad_logits_groups(probs_groups.size()), grad_logits_rounded(probs_groups.size());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, r0 = (item % groups) * group_rows;
@@ -246,11 +270,9 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
       for (int64_t i = 0; i < rows_in_group * D; ++i)
         scaled_query[i] = kScale ? query[first * D + i] : T(query[first * D + i] * scale);
       if constexpr (G > 1) {
-        pack_rows(scaled_query.data(), rows_in_group, D, query_groups.data(), D);
-        pack_rows(grad_out + first * E, rows_in_group, E, grad_out_groups.data(), E);
+        transpose_rows(scaled_query.data(), rows_in_group, D, query_t.data(), group_rows);
+        transpose_rows(grad_out + first * E, rows_in_group, E, grad_out_t.data(), group_rows);
       }
-      const T* query_operand = G > 1 ? query_groups.data() : scaled_query.data();
-      const T* grad_out_operand = G > 1 ? grad_out_groups.data() : grad_out + first * E;
       // delta_i = sum_j p_ij dp_ij = dO_i . aggregate_i (FlashAttention-2's preprocessing)
       for (int64_t r = 0; r < rows_in_group; ++r) {
         A total = 0;
@@ -263,72 +285,104 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
       std::fill(grad_q.begin(), grad_q.end(), A(0));
       A* grad_key_t = partial.data() + item * (D + E) * key_stride;
       A* grad_value_t = grad_key_t + D * key_stride;
-      for (int64_t k0 = 0; k0 < M; k0 += kBackwardKeyTile) {
-        const int64_t keys = std::min(kBackwardKeyTile, M - k0), columns = padded<A>(keys);
+      for (int64_t k0 = 0; k0 < M; k0 += tile_keys) {
+        const int64_t keys = std::min(tile_keys, M - k0), columns = padded<A>(keys);
         pack_transposed(key + (b * M + k0) * D, keys, D, key_t.data(), columns);
         pack_transposed(value + (b * M + k0) * E, keys, E, value_t.data(), columns);
         if (!kLaneGradQuery) pack_rows(key + (b * M + k0) * D, keys, D, key_rows.data(), padded_d);
-        for (int64_t q0 = 0; q0 < rows_in_group; q0 += kBackwardQueryTile) {
-          const int64_t rows = std::min(kBackwardQueryTile, rows_in_group - q0);
+        for (int64_t q0 = 0; q0 < rows_in_group; q0 += tile_queries) {
+          const int64_t rows = std::min(tile_queries, rows_in_group - q0);
           const T* query_tile = scaled_query.data() + q0 * D;
           const T* grad_out_tile = grad_out + (first + q0) * E;
-          matmul_tile<T, DEPTH>(rows, columns, D, query_tile, D, G, key_t.data(), columns, probs.data(), columns,
+          matmul_rows<T, DEPTH>(amx, rows, columns, D, query_tile, D, key_t.data(), columns, probs.data(), columns,
                                 false);
           mask_padding(probs.data(), rows, keys, columns);
-          matmul_tile<T>(rows, columns, E, grad_out_tile, E, G, value_t.data(), columns, grad_logits.data(), columns,
+          matmul_rows<T>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(), columns,
                          false);
           const Vec<A> factor(scale);
-          for (int64_t r = 0; r < rows; ++r) {
-            A* p_row = probs.data() + r * columns;
-            A* ds_row = grad_logits.data() + r * columns;
-            const Vec<A> shift(log_normalizer[first + q0 + r]), row_delta(delta[q0 + r]);
-            for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
-              const Vec<A> p = fast_exp(load_logits<kScale>(p_row + c, factor) - shift);
-              p.store(p_row + c);
-              (p * (Vec<A>::loadu(ds_row + c) - row_delta)).store(ds_row + c);
+          const A* row_log_normalizer = log_normalizer + first + q0;
+          const A* row_delta = delta.data() + q0;
+          if constexpr (G > 1) {
+            // two rows at a time, P and dS straight to bf16 as the products read them: in row
+            // pairs (dV^T += dO^T P, dK^T += Q^T dS) and dS in rows (dQ += dS K); the float32
+            // values are never stored. A missing last row is a zero half of its pairs.
+            for (int64_t r = 0; r < rows; r += 2) {
+              const bool paired = r + 1 < rows;
+              const int64_t partner = paired ? r + 1 : r;
+              const Vec<A> shift(row_log_normalizer[r]), partner_shift(row_log_normalizer[partner]);
+              const Vec<A> delta_r(row_delta[r]), partner_delta(row_delta[partner]);
+              for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
+                const int64_t at = r * columns + c, partner_at = partner * columns + c;
+                const Vec<A> p = fast_exp(load_logits<kScale>(probs.data() + at, factor) - shift);
+                const Vec<A> ds = p * (Vec<A>::loadu(grad_logits.data() + at) - delta_r);
+                Vec<A> partner_p(A(0)), partner_ds(A(0));
+                if (paired) {
+                  partner_p = fast_exp(load_logits<kScale>(probs.data() + partner_at, factor) - partner_shift);
+                  partner_ds = partner_p * (Vec<A>::loadu(grad_logits.data() + partner_at) - partner_delta);
+                  Product<T>::store_rounded(partner_ds, grad_logits_rounded.data() + partner_at);
+                }
+                Product<T>::store_pairs(p, partner_p, probs_groups.data() + r * columns + 2 * c);
+                Product<T>::store_pairs(ds, partner_ds, grad_logits_groups.data() + r * columns + 2 * c);
+                Product<T>::store_rounded(ds, grad_logits_rounded.data() + at);
+              }
             }
-          }
-          matmul_tile<T>(E, columns, rows, grad_out_operand + q0 * E, G, G * E,
-                         row_operand(probs.data(), rows, columns, probs_groups), columns, grad_value_t + k0, key_stride,
-                         true);
-          matmul_tile<T>(D, columns, rows, query_operand + q0 * D, G, G * D,
-                         row_operand(grad_logits.data(), rows, columns, grad_logits_groups), columns, grad_key_t + k0,
-                         key_stride, true);
-          if constexpr (kLaneGradQuery) {
-            matmul_lanes_8(rows, columns, grad_logits.data(), columns, key_t.data(), columns,
-                           grad_q.data() + q0 * grad_q_stride);
+            matmul_rows<T>(amx, E, columns, rows, grad_out_t.data() + q0, group_rows, probs_groups.data(), columns,
+                           grad_value_t + k0, key_stride, true);
+            matmul_rows<T>(amx, D, columns, rows, query_t.data() + q0, group_rows, grad_logits_groups.data(), columns,
+                           grad_key_t + k0, key_stride, true);
+            matmul_rows<T>(amx, rows, padded_d, keys, grad_logits_rounded.data(), columns, key_rows.data(), padded_d,
+                           grad_q.data() + q0 * grad_q_stride, padded_d, true);
           } else {
-            matmul_tile<T>(rows, padded_d, keys,
-                           rounded_operand(grad_logits.data(), rows * columns, grad_logits_rounded), columns, G,
-                           key_rows.data(), padded_d, grad_q.data() + q0 * grad_q_stride, padded_d, true);
+            for (int64_t r = 0; r < rows; ++r) {
+              A* p_row = probs.data() + r * columns;
+              A* ds_row = grad_logits.data() + r * columns;
+              const Vec<A> shift(row_log_normalizer[r]), delta_r(row_delta[r]);
+              for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
+                const Vec<A> p = fast_exp(load_logits<kScale>(p_row + c, factor) - shift);
+                p.store(p_row + c);
+                (p * (Vec<A>::loadu(ds_row + c) - delta_r)).store(ds_row + c);
+              }
+            }
+            matmul_tile<T>(E, columns, rows, grad_out_tile, 1, E, probs.data(), columns, grad_value_t + k0, key_stride,
+                           true);
+            matmul_tile<T>(D, columns, rows, query_tile, 1, D, grad_logits.data(), columns, grad_key_t + k0, key_stride,
+                           true);
+            if constexpr (kLaneGradQuery) {
+              matmul_lanes_8(rows, columns, grad_logits.data(), columns, key_t.data(), columns,
+                             grad_q.data() + q0 * grad_q_stride);
+            } else {
+              matmul_tile<T>(rows, padded_d, keys, grad_logits.data(), columns, 1, key_rows.data(), padded_d,
+                             grad_q.data() + q0 * grad_q_stride, padded_d, true);
+            }
           }
         }
       }
-      for (int64_t r = 0; r < rows_in_group; ++r)
-        for (int64_t d = 0; d < D; ++d) {
-          const A* sum = grad_q.data() + r * grad_q_stride;
-          grad_query[(first + r) * D + d] = T(scale * sum[d]);
-        }
+      for (int64_t r = 0; r < rows_in_group; ++r) {
+        A* sum = grad_q.data() + r * grad_q_stride;
+        for (int64_t d = 0; d < D; ++d) sum[d] *= scale;
+        at::vec::convert(sum, grad_query + (first + r) * D, D);
+      }
     }
   });
 
-  // sum the groups in order and transpose back: (D + E, M) -> (M, D), (M, E)
-  at::parallel_for(0, s.batch * (D + E), 1, [&](int64_t begin, int64_t end) {
+  // sum the groups in order, transpose back (D + E, M) -> (M, D + E) and split the rows
+  // into dK (M, D) and dV (M, E), one batch a work item
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    Buffer<A> total(M);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (D + E), channel = item % (D + E);
-      std::fill(total.begin(), total.end(), A(0));
-      for (int64_t g = 0; g < groups; ++g) {
-        const A* part = partial.data() + ((b * groups + g) * (D + E) + channel) * key_stride;
-        for (int64_t j = 0; j < M; ++j) total[j] += part[j];
-      }
+    const int64_t channels = D + E, size = channels * key_stride;
+    Buffer<A> total(size), key_rows_out(M * channels);
+    for (int64_t b = begin; b < end; ++b) {
+      const A* part = partial.data() + b * groups * size;
+      std::copy(part, part + size, total.begin());
+      for (int64_t g = 1; g < groups; ++g)
+        for (int64_t i = 0; i < size; ++i) total[i] += part[g * size + i];
       if constexpr (kScale)  // dK = scale dS^T Q: the query went in unscaled
-        if (channel < D)
-          for (auto& x : total) x *= scale;
-      T* target = channel < D ? grad_key + b * M * D + channel : grad_value + b * M * E + (channel - D);
-      const int64_t stride = channel < D ? D : E;
-      for (int64_t j = 0; j < M; ++j) target[j * stride] = T(total[j]);
+        for (int64_t i = 0; i < D * key_stride; ++i) total[i] *= scale;
+      at::vec::transpose_mxn<A>(total.data(), key_stride, key_rows_out.data(), channels, channels, M);
+      for (int64_t j = 0; j < M; ++j) {
+        at::vec::convert(key_rows_out.data() + j * channels, grad_key + (b * M + j) * D, D);
+        at::vec::convert(key_rows_out.data() + j * channels + D, grad_value + (b * M + j) * E, E);
+      }
     }
   });
 }

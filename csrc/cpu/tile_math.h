@@ -3,13 +3,15 @@
 // Everything is written on at::vec::Vectorized, so one source serves AVX512, AVX2
 // and the scalar fallback; the build chooses the capability (fastnl/backends/cpp.py).
 // Built with FASTNL_AVX512_BF16 (-mavx512bf16), the products also take bfloat16
-// operands on vdpbf16ps (Product<c10::BFloat16>).
+// operands: on AMX tiles through oneDNN's brgemm where the CPU has AMX, else on
+// vdpbf16ps (Product<c10::BFloat16>; matmul_rows chooses).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -21,6 +23,9 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
+#if defined(FASTNL_AVX512_BF16)
+#include <ATen/native/CPUBlas.h>
 #endif
 
 namespace fastnl {
@@ -166,38 +171,19 @@ struct Product<c10::BFloat16> {
   static Vec<float> multiply_add(const Operand& a, const Operand& b, const Vec<float>& acc) {
     return _mm512_dpbf16_ps(acc, a, b);
   }
-  // dst (rows / 2, width, 2) = src (rows, width; rows ld apart) rounded, row pairs
-  // interleaved, a missing last row zero; width whole vectors of 16.
-  static void pack_row_pairs(const float* src, int64_t rows, int64_t width, int64_t ld, c10::BFloat16* dst) {
-    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-    for (int64_t r = 0; r < rows; r += 2) {
-      const float* first = src + r * ld;
-      c10::BFloat16* out = dst + r * width;
-      for (int64_t c = 0; c < width; c += 16) {
-        const __m512i second = rounded(r + 1 < rows ? _mm512_loadu_ps(first + ld + c) : _mm512_setzero_ps());
-        const __m512i pairs =
-            _mm512_or_si512(_mm512_srli_epi32(rounded(_mm512_loadu_ps(first + c)), 16), _mm512_and_si512(second, high));
-        _mm512_storeu_si512(out + 2 * c, pairs);
-      }
-    }
+  // (first, second) rounded to nearest even and interleaved: 16 lane pairs (32 bf16) at
+  // dst. vcvtne2ps2bf16 and vcvtneps2bf16 round as c10::BFloat16 does (NaN stays NaN;
+  // denormals go to zero, as in the kernels' flushed arithmetic); with a vpermw they beat the integer rounding they
+  // replaced (bf16 backward at B=128, N=256, D=16, E=16: 5.5 -> 5.0 ms, Sapphire Rapids with AMX).
+  static void store_pairs(const Vec<float>& first, const Vec<float>& second, c10::BFloat16* dst) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                                6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(second, first);  // first's 16 low, second's high
+    _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, halves));
   }
-  // dst = src (count floats, whole vectors of 16) rounded
-  static void round(const float* src, int64_t count, c10::BFloat16* dst) {
-    for (int64_t i = 0; i < count; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded(_mm512_loadu_ps(src + i)), 16)));
-  }
-
- private:
-  // x rounded to nearest even at bf16 precision, as float bits (the bf16 in the high
-  // half), NaN kept NaN. Integer arithmetic: on the Sapphire Rapids machine the kernels
-  // were tuned on, vcvtne2ps2bf16 and vcvtneps2bf16 are multi-cycle and made these
-  // conversions cost as much as the products.
-  static __m512i rounded(__m512 x) {
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i sum = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_mask_mov_epi32(sum, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  // x rounded to nearest even: 16 bf16 at dst
+  static void store_rounded(const Vec<float>& x, c10::BFloat16* dst) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
   }
 };
 #endif
@@ -206,10 +192,21 @@ template <typename T>
 using Acc = typename Product<T>::Acc;
 
 // dst = src (rows, cols) transposed, as the B operand of a product contracted over
-// cols: (cols, ld) in groups of kGroup, lanes rows..ld and a missing last k zero.
+// cols: (cols, ld) in groups of kGroup, lanes rows..ld and a missing last k zero. A
+// group of consecutive elements moves as one word (bf16 pairs as 32 bits), so unless
+// the last group is incomplete this is at::vec's transpose of words.
 template <typename T>
 inline void pack_transposed(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
   constexpr int64_t G = Product<T>::kGroup;
+  if (cols % G == 0) {
+    using Word = std::conditional_t<G == 1, T, float>;
+    static_assert(G == 1 || sizeof(Word) == G * sizeof(T), "a group is one 32-bit word");
+    const int64_t words = cols / G;
+    at::vec::transpose_mxn<Word>(reinterpret_cast<const Word*>(src), words, reinterpret_cast<Word*>(dst), ld, rows,
+                                 words);
+    for (int64_t c = 0; c < words; ++c) std::fill(dst + (c * ld + rows) * G, dst + (c + 1) * ld * G, T(0));
+    return;
+  }
   for (int64_t c = 0; c < round_up(cols, G); ++c) {
     T* out = dst + c / G * ld * G + c % G;
     for (int64_t r = 0; r < rows; ++r) out[r * G] = c < cols ? src[r * cols + c] : T(0);
@@ -227,6 +224,18 @@ inline void pack_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t 
     for (int64_t c = 0; c < cols; ++c) out[c * G] = r < rows ? src[r * cols + c] : T(0);
     for (int64_t c = cols; c < ld; ++c) out[c * G] = T(0);
   }
+}
+
+// dst (cols, ld) = src (rows, cols) transposed, plainly: the row-major A of a product
+// contracted over src's rows; columns rows..ld zero.
+template <typename T>
+inline void transpose_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  constexpr int64_t kBlock = 32;  // at::vec's bf16 transpose takes at most 32 x 32
+  for (int64_t r = 0; r < rows; r += kBlock)
+    for (int64_t c = 0; c < cols; c += kBlock)
+      at::vec::transpose_mxn<T>(src + r * cols + c, cols, dst + c * ld + r, ld, std::min(kBlock, rows - r),
+                                std::min(kBlock, cols - c));
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, T(0));
 }
 
 // Register blocks of the product: AVX512 has 32 vector registers, AVX2 16.
@@ -336,5 +345,53 @@ inline void matmul_lanes_8(int64_t rows, int64_t width, const T* a, int64_t lda,
     (Vec<T>::loadu(c + r * 8, pair * 8) + lane_sums_16(acc)).store(c + r * 8, pair * 8);
   }
 }
+
+// Whether the bfloat16 products of a kernel call run on AMX tiles: oneDNN packs bf16
+// for AMX here (the CPU has it, the OS allows it, and torch.backends.mkldnn is enabled;
+// turning that off selects vdpbf16ps), and D, E are even, so that no contraction of
+// the kernels' row operands ends in half a pair.
+template <typename T>
+inline bool amx_products(int64_t width_qk, int64_t width_v) {
+#if defined(FASTNL_AVX512_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return width_qk % 2 == 0 && width_v % 2 == 0 && at::native::cpublas::could_pack(at::kBFloat16);
+#endif
+  return false;
+}
+
+// C (rows, width) (+)= A (rows, depth; row-major, lda apart) B (packed as Product
+// describes, ldb lanes a row): matmul_tile, or with `amx` one oneDNN brgemm on AMX
+// tiles, whose bf16 B layout (depth / 2, ldb, 2) is Product's. An odd depth is rounded
+// up there: A's column past it must be zero, as B's missing last k is.
+template <typename T, int DEPTH = 0>
+inline void matmul_rows(bool amx, int64_t rows, int64_t width, int64_t depth, const T* a, int64_t lda, const T* b,
+                        int64_t ldb, Acc<T>* c, int64_t ldc, bool accumulate) {
+#if defined(FASTNL_AVX512_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (amx) {
+      at::native::cpublas::brgemm(rows, width, round_up(depth, 2), lda, ldb, ldc, accumulate, a, b, c, true);
+      return;
+    }
+  }
+#endif
+  matmul_tile<T, DEPTH>(rows, width, depth, a, lda, Product<T>::kGroup, b, ldb, c, ldc, accumulate);
+}
+
+// Hands the AMX tile state back on scope exit (brgemm leaves it configured), as ATen's
+// flash attention does after its loops.
+class ReleaseTiles {
+ public:
+  explicit ReleaseTiles(bool amx) : amx_(amx) {}
+  ~ReleaseTiles() {
+#if defined(FASTNL_AVX512_BF16)
+    if (amx_) at::native::cpublas::brgemm_release(true);
+#endif
+  }
+  ReleaseTiles(const ReleaseTiles&) = delete;
+  ReleaseTiles& operator=(const ReleaseTiles&) = delete;
+
+ private:
+  [[maybe_unused]] bool amx_;
+};
 
 }  // namespace fastnl

@@ -12,18 +12,21 @@ machines never loads the wrong one. A failed build is not fatal: the backend rep
 itself unavailable with the compiler's reason, `backend=None` falls back to "torch"
 with one warning, and an explicit `backend="cpp"` raises that reason.
 
-float32 and float64 run natively. Half-precision inputs are computed in float32 and
-rounded once at the end, as in the "torch" backend, unless `FASTNL_CPP_BFLOAT16=native`
-selects the native bfloat16 softmax kernels. Those are built where the CPU has
-AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo, and cpuid when loaded), with -mavx512bf16
-into a library whose name ends in "_bf16": they read bf16 operands, multiply them in
-pairs on vdpbf16ps with float32 sums, keep P and dS in float32 (rounded to bf16 only as
-operands of the next product, as FlashAttention does), log_normalizer in float32, and
-round each output once. They are not the default because on the CPU they were measured
-on (Sapphire Rapids without AMX) vdpbf16ps does half the FLOPs per second of a float32
-FMA, and they ran slower than converting to float32 (`pytest
-benchmarks/test_model_shapes_bench.py --benchmark-only`, with and without the
-variable). `bfloat16_path()` says which path bfloat16 takes here, and why.
+float32 and float64 run natively. bfloat16 inputs take one of two paths, chosen by
+`FASTNL_CPP_BFLOAT16` ("native" or "float32"; unset: native where its products run on
+AMX, else float32). "float32" computes them in float32 and rounds once at the end, as
+the "torch" backend does. "native" runs the bfloat16 softmax kernels, built where the
+CPU has AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo, and cpuid when loaded) with
+-mavx512bf16 into a library whose name ends in "_bf16": they read bf16 operands, keep
+P and dS in float32 (rounded to bf16 only as operands of the next product, as
+FlashAttention does), log_normalizer in float32, and round each output once. Their
+products run on AMX tiles through oneDNN's brgemm (`torch.ops.fastnl_cpp.bfloat16_amx()`:
+the CPU has AMX and `torch.backends.mkldnn` is enabled; D and E even), else on
+vdpbf16ps with float32 sums. Native is the default only with AMX: on a Sapphire
+Rapids without it, vdpbf16ps did half the FLOPs per second of a float32 FMA and the
+native path ran slower than converting (`pytest benchmarks/test_model_shapes_bench.py
+--benchmark-only` times both). `bfloat16_path()` says which path bfloat16 takes here,
+and why.
 """
 import functools
 import os
@@ -122,7 +125,7 @@ def unavailable_reason(device_type):
     return _build_failure()
 
 
-BFLOAT16_CHOICE = "FASTNL_CPP_BFLOAT16"  # "float32" (the default) or "native"
+BFLOAT16_CHOICE = "FASTNL_CPP_BFLOAT16"  # "native" or "float32"; unset: native where AMX runs it
 
 
 @functools.cache
@@ -131,21 +134,33 @@ def _bfloat16_kernels():
     return _build_failure() is None and bool(torch.ops.fastnl_cpp.bfloat16_native())
 
 
+def _bfloat16_amx():
+    """Whether the bfloat16 kernels' products run on AMX tiles now (asked at each call:
+    `torch.backends.mkldnn.enabled` switches them to vdpbf16ps)."""
+    return _bfloat16_kernels() and bool(torch.ops.fastnl_cpp.bfloat16_amx())
+
+
 def _bfloat16_native():
     """Whether the softmax kernels take bfloat16 operands (chosen, built and runnable)."""
-    choice = os.environ.get(BFLOAT16_CHOICE, "float32")
-    if choice not in ("float32", "native"):
+    choice = os.environ.get(BFLOAT16_CHOICE)
+    if choice not in (None, "float32", "native"):
         raise ValueError(f"{BFLOAT16_CHOICE} must be 'float32' or 'native', got {choice!r}")
+    if choice is None:
+        return _bfloat16_amx()
     return choice == "native" and _bfloat16_kernels()
 
 
 def bfloat16_path():
-    """How the softmax kernels compute bfloat16 inputs here: "avx512-bf16" (natively, bf16
-    products on vdpbf16ps) or "float32 (why)" (converted, computed in float32)."""
+    """How the softmax kernels compute bfloat16 inputs here: "amx" or "avx512-bf16"
+    (natively: bf16 products on AMX tiles, or on vdpbf16ps) or "float32 (why)"
+    (converted, computed in float32)."""
     if _bfloat16_native():
-        return "avx512-bf16"
+        return "amx" if _bfloat16_amx() else "avx512-bf16"
     if _bfloat16_kernels():
-        return f"float32 (the default; {BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels)"
+        if os.environ.get(BFLOAT16_CHOICE) == "float32":
+            return f"float32 (chosen by {BFLOAT16_CHOICE}=float32)"
+        return (f"float32 (the default without AMX: {BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels, "
+                f"on vdpbf16ps here)")
     reason = (_build_failure() or _bfloat16_unbuildable()
               or next((f"the build with -mavx512bf16 failed: {error}" for error in _bfloat16_build_errors), None)
               or "the CPU reports no AVX512-BF16 (cpuid)")
