@@ -11,8 +11,9 @@ KERNELS = affinities.names()  # every registered kernel
 
 # (B, N, M, D, E); a kernel that needs a width gets it (concat: D = 1), "diffuse_value"
 # runs with M = N. The cpp softmax tiles are 64 query rows x 128 keys forward, 32 x 128
-# backward (csrc/cpu/softmax.cpp), in vectors of 16 floats / 8 doubles; the torch
-# backend's key tiles are 128 (fastnl/backends/torch_tiled.py).
+# backward (csrc/cpu/softmax.cpp; bf16 on AMX: 256 keys forward, 128 x 256 backward),
+# in vectors of 16 floats / 8 doubles; the torch backend's key tiles are 128
+# (fastnl/backends/torch_tiled.py).
 SHAPES = [
     (1, 1, 1, 8, 1),  # N = M = 1: one row, one key; E narrower than a vector
     (2, 1, 300, 8, 16),  # N = 1 against two full key tiles and a partial one
@@ -24,8 +25,9 @@ SHAPES = [
     (3, 70, 129, 64, 1),  # cpp D = 64: the runtime-width product; 129 keys = one tile + 1
     (1, 45, 513, 64, 16),  # M >> N: five key tiles
     (3, 64, 17, 1, 48),  # D = 1: the width a dot/softmax rarely sees, concat's own
+    (16, 50, 70, 16, 16),  # B = 16: cpp's backward keeps one query group a batch, which writes its dK, dV itself
 ]
-LOW_PRECISION_SHAPES = [SHAPES[3], SHAPES[4], SHAPES[6]]
+LOW_PRECISION_SHAPES = [SHAPES[3], SHAPES[4], SHAPES[6], SHAPES[10]]
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -54,7 +54,7 @@ def test_one_and_two_threads_agree_bitwise(kernel, dtype, products, monkeypatch)
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            for shape in [(1, 700, 650, 8, 16), (3, 130, 300, 16, 48)]:
+            for shape in [(1, 700, 650, 8, 16), (3, 130, 300, 16, 48), (16, 40, 50, 8, 16)]:
                 inputs = make_inputs(shape, dtype, kernel=kernel)
                 results.append(forward_backward(inputs, kernel))
     finally:
@@ -199,11 +199,12 @@ def test_bfloat16_model_shapes_per_output(shape):
 
 
 @native_only
-@pytest.mark.parametrize("shape", [(2, 129, 67, 16, 16), (2, 33, 41, 7, 5), (1, 97, 301, 32, 24), (2, 300, 263, 6, 4)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(2, 129, 67, 16, 16), (2, 33, 41, 7, 5), (1, 97, 301, 32, 24), (2, 300, 263, 6, 4),
+                                   (16, 131, 259, 16, 16)], ids=str)
 def test_bfloat16_odd_sizes(shape):
     """N, M off the tiles and odd; odd D and E leave a contraction's last pair half empty
-    (on AMX they take vdpbf16ps); even D, E narrower than a vector pad the products."""
+    (on AMX they take vdpbf16ps); even D, E narrower than a vector pad the products;
+    B = 16 has one query group a batch, past a 128-row and a 256-key AMX tile."""
     inputs = make_inputs(shape, torch.bfloat16)
     assert_matches_reference(backend_results("softmax", "diffuse", "cpp", *inputs, 0.7), "softmax", "diffuse",
                              *inputs, 0.7)

@@ -9,7 +9,8 @@
 // query tile is packed. With a known log_normalizer (a stage's later blocks) it is a
 // single pass without rescaling.
 // Backward: one work item per (batch, query group) walks the key tiles once and
-// accumulates dQ for its rows and dK^T, dV^T for all keys into its own slot of a
+// accumulates dQ for its rows and dK^T, dV^T for all keys: with one group a batch
+// (B >= 16) it writes its batch's dK, dV itself; else into its own slot of a
 // (B, groups, D + E, M) buffer, summed afterwards in group order. The grouping
 // depends on the shape only, so results are bitwise identical for any thread count.
 // Every work item runs with denormals flushed to zero (tile_math.h, FlushDenormals).
@@ -230,6 +231,21 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   });
 }
 
+// dK (M, D) and dV (M, E) of one batch from its summed dK^T, dV^T (D + E rows,
+// key_stride apart; dK^T not yet scaled where SCALE, the query having gone in unscaled):
+// transposed back through `rows` (M, D + E) and converted.
+template <bool SCALE, typename T, typename A>
+void write_key_grads(A* total, int64_t key_stride, int64_t M, int64_t D, int64_t E, A scale, Buffer<A>& rows,
+                     T* grad_key, T* grad_value) {
+  if constexpr (SCALE)
+    for (int64_t i = 0; i < D * key_stride; ++i) total[i] *= scale;
+  at::vec::transpose_mxn<A>(total, key_stride, rows.data(), D + E, D + E, M);
+  for (int64_t j = 0; j < M; ++j) {
+    at::vec::convert(rows.data() + j * (D + E), grad_key + j * D, D);
+    at::vec::convert(rows.data() + j * (D + E) + D, grad_value + j * E, E);
+  }
+}
+
 template <typename T, int DEPTH, typename A = Acc<T>>
 void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T* key, const T* value, const T* center,
                      const T* out, const A* log_normalizer, T* grad_query, T* grad_key, T* grad_value, A scale) {
@@ -250,7 +266,11 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   constexpr bool kLaneGradQuery = DEPTH == 8 && G == 1 && Vec<A>::size() == 16;
   const int64_t grad_q_stride = kLaneGradQuery ? D : padded_d;
   // (B, groups, D + E, M padded): each group's dK^T and dV^T
-  Buffer<A> partial(s.batch * groups * (D + E) * key_stride);
+  // one group a batch (B >= kMinWorkItems): each work item writes its batch's dK, dV at
+  // its end, from its own dK^T, dV^T still in cache; else each group's go to its slot of
+  // partial (B, groups, D + E, M padded), summed afterwards in group order
+  const bool own_keys = groups == 1;
+  Buffer<A> partial(own_keys ? 0 : s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
@@ -258,6 +278,7 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
     // the group's query rows as q.k reads them (scaled unless kScale), and for bf16 Q^T
     // and dO^T, the row-major A of dK^T += Q^T dS, dV^T += dO^T P (floats: strides)
     Buffer<T> scaled_query(kScale ? 0 : group_rows * D);
+    Buffer<A> own_key_grads(own_keys ? (D + E) * key_stride : 0), key_grad_rows(own_keys ? M * (D + E) : 0);
     Buffer<A> aggregate(group_rows * E), grad_out_rows(group_rows * E), center_rows(center ? group_rows * E : 0);
     Buffer<T> query_t(G > 1 ? D * group_rows : 0), grad_out_t(G > 1 ? E * group_rows : 0);
     Buffer<A> delta(group_rows), grad_q(group_rows * grad_q_stride);
@@ -294,7 +315,8 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                                                [](const Vec<A>& x, const Vec<A>& y) { return x + y; },
                                                grad_out_rows.data() + r * E, aggregate.data() + r * E, E);
       std::fill(grad_q.begin(), grad_q.end(), A(0));
-      A* grad_key_t = partial.data() + item * (D + E) * key_stride;
+      if (own_keys) std::fill(own_key_grads.begin(), own_key_grads.end(), A(0));
+      A* grad_key_t = own_keys ? own_key_grads.data() : partial.data() + item * (D + E) * key_stride;
       A* grad_value_t = grad_key_t + D * key_stride;
       for (int64_t k0 = 0; k0 < M; k0 += tile_keys) {
         const int64_t keys = std::min(tile_keys, M - k0), columns = padded<A>(keys);
@@ -373,27 +395,25 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
         for (int64_t d = 0; d < D; ++d) sum[d] *= scale;
         at::vec::convert(sum, grad_query + (first + r) * D, D);
       }
+      if (own_keys)
+        write_key_grads<kScale>(own_key_grads.data(), key_stride, M, D, E, scale, key_grad_rows, grad_key + b * M * D,
+                                grad_value + b * M * E);
     }
   });
 
-  // sum the groups in order, transpose back (D + E, M) -> (M, D + E) and split the rows
-  // into dK (M, D) and dV (M, E), one batch a work item
+  if (own_keys) return;
+  // sum the groups in order, then dK, dV as above, one batch a work item
   at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    const int64_t channels = D + E, size = channels * key_stride;
-    Buffer<A> total(size), key_rows_out(M * channels);
+    const int64_t size = (D + E) * key_stride;
+    Buffer<A> total(size), rows(M * (D + E));
     for (int64_t b = begin; b < end; ++b) {
       const A* part = partial.data() + b * groups * size;
       std::copy(part, part + size, total.begin());
       for (int64_t g = 1; g < groups; ++g)
         for (int64_t i = 0; i < size; ++i) total[i] += part[g * size + i];
-      if constexpr (kScale)  // dK = scale dS^T Q: the query went in unscaled
-        for (int64_t i = 0; i < D * key_stride; ++i) total[i] *= scale;
-      at::vec::transpose_mxn<A>(total.data(), key_stride, key_rows_out.data(), channels, channels, M);
-      for (int64_t j = 0; j < M; ++j) {
-        at::vec::convert(key_rows_out.data() + j * channels, grad_key + (b * M + j) * D, D);
-        at::vec::convert(key_rows_out.data() + j * channels + D, grad_value + (b * M + j) * E, E);
-      }
+      write_key_grads<kScale>(total.data(), key_stride, M, D, E, scale, rows, grad_key + b * M * D,
+                              grad_value + b * M * E);
     }
   });
 }
