@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastnl import affinities
+from fastnl import affinities, batch_norm
 from fastnl.functional import nonlocal_attend
 
 MODES = {
@@ -192,10 +192,15 @@ class ValueBranch(nn.Module):
         center = F.linear(rows, _conv_weight(self.g), self.g.bias)
         return (_pool_rows(self.pool, center, spatial)[0] if self.pool is not None else center), center
 
-    def project(self, y, spatial):
-        """(B, N, C') -> rows (B, N, C) of W_z y, then BatchNorm on their channels-last view."""
+    def project(self, y, spatial, residual):
+        """(B, N, C') -> rows (B, N, C): residual + W_z y, through BatchNorm fused with the
+        residual on CPU rows (fastnl.batch_norm), else on the rows' channels-last view."""
         y = F.linear(y, _conv_weight(self.W_z), self.W_z.bias)
-        return _rows(self.bn(_spatial(y, spatial))) if self.bn is not None else y
+        if self.bn is None:
+            return residual + y
+        if batch_norm.applies(self.bn, y, residual):
+            return batch_norm.batch_norm_rows(self.bn, y, residual)
+        return residual + _rows(self.bn(_spatial(y, spatial)))
 
     def weight_product(self):
         """W_z W_g (C, C) with BatchNorm folded into W_z (its scale; biases dropped)."""
@@ -278,7 +283,7 @@ class NonlocalBlock(_Nonlocal):
         branch = self.branches[0]
         value, _ = branch.values(rows, spatial)
         y, _ = self._attend(query, key, value)
-        return self._output(rows + branch.project(y, spatial), x)
+        return self._output(branch.project(y, spatial, rows), x)
 
 
 class NonlocalStage(_Nonlocal):
@@ -308,5 +313,5 @@ class NonlocalStage(_Nonlocal):
         for branch in self.branches:
             value, center = branch.values(z, spatial)
             y, log_normalizer = self._attend(query, key, value, center, log_normalizer)
-            z = z + branch.project(y, spatial)
+            z = branch.project(y, spatial, z)
         return self._output(z, x)

@@ -90,7 +90,7 @@ def test_stage_uses_the_stage_input_affinity(mode):
             query, key = stage.affinity(z if affinity_from_current else rows(x), x.shape[2:])
             value, center = branch.values(z, x.shape[2:])
             y = reference.diffuse(query, key, value, center, kernel=kernel, scale=scale)
-            z = z + branch.project(y, x.shape[2:])
+            z = branch.project(y, x.shape[2:], z)
         return z.transpose(1, 2).reshape(x.shape)
 
     out = stage(x)

@@ -29,6 +29,16 @@ std::tuple<Tensor, Tensor> concat_forward(const Tensor& query, const Tensor& key
 std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                    const Tensor& value, const OptionalTensor& center, double scale);
 
+// BatchNorm with batch statistics over rows x (R, C) (float32, float64 or bfloat16;
+// weight, bias and the statistics float32, float64 for float64 x), plus an optional
+// residual like x: (out, mean, biased var, invstd) and the backward's (dx, dweight, dbias).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_rows_forward(const Tensor& x, const Tensor& weight,
+                                                                   const Tensor& bias, const OptionalTensor& residual,
+                                                                   double eps);
+std::tuple<Tensor, Tensor, Tensor> batch_norm_rows_backward(const Tensor& grad_out, const Tensor& x,
+                                                            const Tensor& weight, const Tensor& mean,
+                                                            const Tensor& invstd);
+
 // Whether the softmax operators take bfloat16 here: built with FASTNL_AVX512_BF16
 // (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the
 // instructions), and the CPU running the library has them (cpuid).

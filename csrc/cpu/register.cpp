@@ -70,6 +70,12 @@ TORCH_LIBRARY(fastnl_cpp, m) {
   m.def(
       "concat_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
       "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_rows_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_rows_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor invstd) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
@@ -79,4 +85,6 @@ TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
   m.impl("dot_backward", &fastnl::dot_backward);
   m.impl("concat_forward", &fastnl::concat_forward);
   m.impl("concat_backward", &fastnl::concat_backward);
+  m.impl("batch_norm_rows_forward", &fastnl::batch_norm_rows_forward);
+  m.impl("batch_norm_rows_backward", &fastnl::batch_norm_rows_backward);
 }
