@@ -12,7 +12,7 @@ parameters, another device, no cpp build) is left to the module's own BatchNorm.
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastnl import backends
 from fastnl.backends import accumulate_dtype
@@ -63,13 +63,17 @@ def _built():
     return backends.unavailable_reason("cpp", "cpu") is None
 
 
+_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def applies(bn, rows, residual):
-    """Whether `batch_norm_rows` computes bn(rows) (+ residual) here: batch statistics
-    (training, or no running statistics), affine, CPU rows of float32, float64 or
-    bfloat16 with the parameters in their accumulation dtype, a residual like the rows,
-    more than one row per channel, and the cpp backend built."""
+    """Whether `batch_norm_rows` computes bn(rows) (+ residual) here: a plain
+    nn.BatchNorm (a subclass, such as --sync-bn's, has a forward of its own) with batch
+    statistics (training, or no running statistics), affine, CPU rows of float32,
+    float64 or bfloat16 with the parameters in their accumulation dtype, a residual like
+    the rows, more than one row per channel, and the cpp backend built."""
     batch_statistics = bn.training or bn.running_mean is None
-    return (batch_statistics and bn.affine and rows.device.type == "cpu"
+    return (type(bn) in _PLAIN and batch_statistics and bn.affine and rows.device.type == "cpu"
             and rows.dtype in (torch.float32, torch.float64, torch.bfloat16)
             and bn.weight.dtype == accumulate_dtype(rows.dtype) and rows.numel() > rows.shape[-1]
             and (residual is None or (residual.dtype == rows.dtype and residual.shape == rows.shape))

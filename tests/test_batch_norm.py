@@ -120,6 +120,11 @@ def test_applies_to_batch_statistics_on_cpu_rows_only():
     assert not batch_norm.applies(bn, rows[:1], None)  # one row: nn.BatchNorm's own error
     assert not batch_norm.applies(nn.BatchNorm1d(4, affine=False), rows, None)
 
+    class Synchronised(nn.BatchNorm1d):  # as --sync-bn's CPUSyncBatchNorm: a forward of its own
+        pass
+
+    assert not batch_norm.applies(Synchronised(4), rows, None)
+
 
 def test_operator_checks():
     rows, weight = torch.randn(10, 4), torch.ones(4)
