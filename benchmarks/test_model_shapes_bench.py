@@ -43,8 +43,8 @@ def attend_diffuse(backend):
     return diffuse
 
 
-# "cpp native": bfloat16 on the AVX512-BF16 kernels (FASTNL_CPP_BFLOAT16=native), beside
-# the default "cpp", which computes bfloat16 in float32
+# "cpp native": bfloat16 on the native kernels (FASTNL_CPP_BFLOAT16=native: AMX tiles where
+# the CPU has them, the default there), beside "cpp", which computes bfloat16 in float32
 IMPLEMENTATIONS = {"cpp": attend_diffuse("cpp"), "cpp native": attend_diffuse("cpp"), "sdpa": sdpa_diffuse,
                    "reference": attend_diffuse("reference")}
 # (dtype, implementation): the reference is the float32 yardstick only
@@ -157,19 +157,23 @@ def _summary_lines():
     versus_sdpa, versus_float32, versus_sdpa_bf16 = _ratios(BAR_SIZE)
     lines = [f"bfloat16 path: {cpp.bfloat16_path()}"]
     _, native_versus_float32, native_versus_sdpa_bf16 = _ratios(BAR_SIZE, "cpp native")
+    # the bf16 bars hold the path bfloat16 takes here by default (bfloat16_path)
+    native_default = cpp.bfloat16_path() in ("amx", "avx512-bf16")
     lines += summary.bar_lines([
         (f"{name}: cpp vs SDPA, float32", versus_sdpa, 1.5),
-        (f"{name}: cpp bf16 vs cpp float32", versus_float32, 1.5),
-        (f"{name}: cpp bf16 vs SDPA bf16", versus_sdpa_bf16, 4.0),
-        (f"{name}: cpp native bf16 vs cpp float32", native_versus_float32, 1.5),
-        (f"{name}: cpp native bf16 vs SDPA bf16", native_versus_sdpa_bf16, 4.0),
+        (f"{name}: cpp bf16 converted vs cpp float32", versus_float32, None if native_default else 1.5),
+        (f"{name}: cpp bf16 converted vs SDPA bf16", versus_sdpa_bf16, None if native_default else 4.0),
+        (f"{name}: cpp native bf16 vs cpp float32", native_versus_float32, 1.5 if native_default else None),
+        (f"{name}: cpp native bf16 vs SDPA bf16", native_versus_sdpa_bf16, 4.0 if native_default else None),
     ])
     for size in MODEL_SIZES:
         if size is BAR_SIZE:
             continue
-        cells = ["-" if value is None else f"{value:.2f}" for value in _ratios(size)]
-        lines.append(f"{size_name(size)} (no bars): cpp vs SDPA float32 {cells[0]}, cpp bf16 vs cpp float32 "
-                     f"{cells[1]}, cpp bf16 vs SDPA bf16 {cells[2]}")
+        ratios = (*_ratios(size), *_ratios(size, "cpp native")[1:])
+        cells = ["-" if value is None else f"{value:.2f}" for value in ratios]
+        lines.append(f"{size_name(size)} (no bars): cpp vs SDPA float32 {cells[0]}; bf16 converted vs cpp float32 "
+                     f"{cells[1]}, vs SDPA bf16 {cells[2]}; native bf16 vs cpp float32 {cells[3]}, vs SDPA bf16 "
+                     f"{cells[4]}")
     for blocks in STAGE_BLOCKS:
         cells = [summary.ratio(_stage_group(blocks, dtype_name), "sdpa", "cpp") for dtype_name in DTYPES]
         if None not in cells:
