@@ -265,7 +265,6 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   // dQ += dS K: for D = 8 in 16-lane vectors of floats contracted along the keys (matmul_lanes_8)
   constexpr bool kLaneGradQuery = DEPTH == 8 && G == 1 && Vec<A>::size() == 16;
   const int64_t grad_q_stride = kLaneGradQuery ? D : padded_d;
-  // (B, groups, D + E, M padded): each group's dK^T and dV^T
   // one group a batch (B >= kMinWorkItems): each work item writes its batch's dK, dV at
   // its end, from its own dK^T, dV^T still in cache; else each group's go to its slot of
   // partial (B, groups, D + E, M padded), summed afterwards in group order

@@ -173,8 +173,9 @@ struct Product<c10::BFloat16> {
   }
   // (first, second) rounded to nearest even and interleaved: 16 lane pairs (32 bf16) at
   // dst. vcvtne2ps2bf16 and vcvtneps2bf16 round as c10::BFloat16 does (NaN stays NaN;
-  // denormals go to zero, as in the kernels' flushed arithmetic); with a vpermw they beat the integer rounding they
-  // replaced (bf16 backward at B=128, N=256, D=16, E=16: 5.5 -> 5.0 ms, Sapphire Rapids with AMX).
+  // denormals go to zero, as in the kernels' flushed arithmetic); with a vpermw they
+  // beat the integer rounding they replaced (bf16 backward at B=128, N=256, D=16, E=16:
+  // 5.5 -> 5.0 ms, Sapphire Rapids with AMX).
   static void store_pairs(const Vec<float>& first, const Vec<float>& second, c10::BFloat16* dst) {
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                                 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
