@@ -1,13 +1,15 @@
 """BatchNorm on position rows, fused with the residual it is added to, for the modules'
 W_z branch on the CPU: z + BN(W_z y) over rows (B, N, C), one C++ operator each way
-(csrc/cpu/batch_norm.cpp) where ATen's channels-last BatchNorm and the add took about
-three times as long (benchmarks/test_training_bench.py times the stage).
+(csrc/cpu/batch_norm.cpp). At the model's (128, 256, 32), fwd+bwd: float32 1.33 ms
+against 2.53 for ATen's channels-last BatchNorm and the add, bf16 0.97 against 1.64
+(benchmarks/test_training_bench.py times the whole stage).
 
 It computes what `nn.BatchNorm*` computes in training (batch statistics; the running
 statistics and `num_batches_tracked` updated as `F.batch_norm` updates them, momentum
 None meaning the cumulative average) and returns the residual's gradient as it came.
-`applies` says when it runs; everything else (eval with running statistics, no affine
-parameters, another device, no cpp build) is left to the module's own BatchNorm.
+`applies` says when it runs; everything else (eval with running statistics, a subclass
+such as --sync-bn's, no affine parameters, another device, no cpp build) is left to the
+module's own BatchNorm.
 """
 from typing import Optional
 

@@ -1,8 +1,8 @@
 // BatchNorm with batch statistics over position rows (R, C), and the residual it is
 // added to: out = residual + (x - mean) * invstd * weight + bias, the W_z branch of the
-// nonlocal modules on the CPU (fastnl/batch_norm.py). ATen's channels-last BatchNorm
-// took the time of ~15 elementwise passes for fwd+bwd at the model's (32768, 32); this
-// is 4: one reduction and one write each way.
+// nonlocal modules on the CPU (fastnl/batch_norm.py). ATen's channels-last BatchNorm and
+// the add took 2.5 ms fwd+bwd at the model's (32768, 32) in float32, ten adds' time;
+// this takes 1.3: one reduction and one write each way.
 //
 // Channels run along the vector lanes (rows are contiguous), so every pass is plain
 // vector arithmetic. The reductions sum the rows in fixed chunks and the chunks' sums
