@@ -44,7 +44,9 @@ constexpr int64_t kBackwardKeyTile = 128;
 // with AMX products: larger tiles, so that each brgemm call (a few hundred ns of fixed
 // cost, and a tile configuration at every change of shape) carries more work. bf16 at
 // B=128, N=256, D=16, E=16, backward: 4.5 ms at 32 x 256, 4.3 at 64 x 256, 3.95 at
-// 128 x 256 and 256 x 256; forward: 2.3 ms at 128 keys, 2.1-2.3 at 256.
+// 128 x 256 and 256 x 256; forward: 2.3 ms at 64 x 128, 2.1-2.3 at 64 x 256, 2.0-2.1 at
+// 128 x 256 (N = 1024, D = 8: 27.6 -> 25.0 ms).
+constexpr int64_t kAmxForwardQueryTile = 128;
 constexpr int64_t kAmxForwardKeyTile = 256;
 constexpr int64_t kAmxBackwardQueryTile = 128;
 constexpr int64_t kAmxBackwardKeyTile = 256;
@@ -96,15 +98,14 @@ inline void store_probabilities(const Vec<A>* p, A* at_logits, Op* at_pairs) {
 
 // The probabilities of rows j..j+G-1 (a row past `keys` is zero), lanes v * L:
 // exp(logit - shift), stored where p v reads them; returns them to be summed.
-template <bool SCALE, typename Op, typename A, int64_t G = Product<Op>::kGroup>
+template <bool SCALE, int64_t Q, typename Op, typename A, int64_t G = Product<Op>::kGroup>
 inline std::array<Vec<A>, G> probabilities(A* logits, Op* pairs, int64_t keys, int64_t j, int v, const Vec<A>& factor,
                                            const Vec<A>& shift) {
   constexpr int64_t L = Vec<A>::size();
   std::array<Vec<A>, G> p;
   for (int64_t g = 0; g < G; ++g)
-    p[g] = j + g < keys ? fast_exp(load_logits<SCALE>(logits + (j + g) * kForwardQueryTile + v * L, factor) - shift)
-                        : Vec<A>(A(0));
-  store_probabilities(p.data(), logits + j * kForwardQueryTile + v * L, pairs + j * kForwardQueryTile + G * v * L);
+    p[g] = j + g < keys ? fast_exp(load_logits<SCALE>(logits + (j + g) * Q + v * L, factor) - shift) : Vec<A>(A(0));
+  store_probabilities(p.data(), logits + j * Q + v * L, pairs + j * Q + G * v * L);
   return p;
 }
 
@@ -113,15 +114,15 @@ inline std::array<Vec<A>, G> probabilities(A* logits, Op* pairs, int64_t keys, i
 // p v reads them (store_probabilities), running sums. NaN may be skipped by the maxima
 // (clamp_min is a plain max): fast_exp carries it into the sums, so a NaN logit makes
 // its query NaN.
-template <bool SCALE, typename Op, typename T>
+template <bool SCALE, int64_t Q, typename Op, typename T>
 void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* column_max, T* correction, T* column_sum) {
-  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L, G = Product<Op>::kGroup;
+  constexpr int64_t L = Vec<T>::size(), V = Q / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
   Vec<T> new_max[V], tile_sum[V];
   for (int v = 0; v < V; ++v) new_max[v] = Vec<T>::loadu(column_max + v * L);
   for (int64_t j = 0; j < keys; ++j)
     for (int v = 0; v < V; ++v)
-      new_max[v] = at::vec::clamp_min(new_max[v], load_logits<SCALE>(logits + j * kForwardQueryTile + v * L, factor));
+      new_max[v] = at::vec::clamp_min(new_max[v], load_logits<SCALE>(logits + j * Q + v * L, factor));
   for (int v = 0; v < V; ++v) {
     fast_exp(Vec<T>::loadu(column_max + v * L) - new_max[v]).store(correction + v * L);
     new_max[v].store(column_max + v * L);
@@ -131,7 +132,7 @@ void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* colu
   // chains, not one of M terms (float32 error ~ M eps: 6x larger at M = 4096)
   for (int64_t j = 0; j < keys; j += G)
     for (int v = 0; v < V; ++v)
-      for (const Vec<T>& p : probabilities<SCALE>(logits, pairs, keys, j, v, factor, new_max[v]))
+      for (const Vec<T>& p : probabilities<SCALE, Q>(logits, pairs, keys, j, v, factor, new_max[v]))
         tile_sum[v] = tile_sum[v] + p;
   for (int v = 0; v < V; ++v) {
     const Vec<T> running = Vec<T>::loadu(column_sum + v * L) * Vec<T>::loadu(correction + v * L);
@@ -141,22 +142,22 @@ void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* colu
 
 // p = exp(logit - log_normalizer) over a logits^T tile, the columns' log-normalizers
 // known; stored where p v reads them.
-template <bool SCALE, typename Op, typename T>
+template <bool SCALE, int64_t Q, typename Op, typename T>
 void known_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, const T* column_log_normalizer) {
-  constexpr int64_t L = Vec<T>::size(), V = kForwardQueryTile / L, G = Product<Op>::kGroup;
+  constexpr int64_t L = Vec<T>::size(), V = Q / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
   Vec<T> shift[V];
   for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_log_normalizer + v * L);
   for (int64_t j = 0; j < keys; j += G)
-    for (int v = 0; v < V; ++v) probabilities<SCALE>(logits, pairs, keys, j, v, factor, shift[v]);
+    for (int v = 0; v < V; ++v) probabilities<SCALE, Q>(logits, pairs, keys, j, v, factor, shift[v]);
 }
 
 // known: log_normalizer holds the rows' log-sum-exp (one pass); else it receives it.
 // T is the operands' type, A = Acc<T> that of the logits, sums, statistics (Product).
-template <typename T, int DEPTH, typename A = Acc<T>>
+template <typename T, int DEPTH, int64_t Q, typename A = Acc<T>>
 void forward_kernel(const Shape& s, const T* query, const T* key, const T* value, const T* center, T* out,
                     A* log_normalizer, bool known, A scale) {
-  constexpr int64_t L = Vec<A>::size(), Q = kForwardQueryTile, G = Product<T>::kGroup;
+  constexpr int64_t L = Vec<A>::size(), G = Product<T>::kGroup;
   constexpr bool kScale = Product<T>::kScalesLogits;
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
@@ -200,10 +201,10 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
         const int64_t keys = std::min(tile_keys, M - k0);
         matmul_rows<T, DEPTH>(amx, keys, Q, D, key + (b * M + k0) * D, D, query_t.data(), Q, logits.data(), Q, false);
         if (known) {
-          known_softmax_columns<kScale>(logits.data(), probs_out, keys, scale, column_log_normalizer.data());
+          known_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, scale, column_log_normalizer.data());
         } else {
-          online_softmax_columns<kScale>(logits.data(), probs_out, keys, scale, column_max.data(), correction.data(),
-                                         column_sum.data());
+          online_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, scale, column_max.data(), correction.data(),
+                                            column_sum.data());
           // running maxima changed: rescale what was accumulated under the old ones
           for (int64_t e = 0; e < E; ++e)
             for (int64_t c = 0; c < Q; c += L) {
@@ -440,10 +441,18 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
     using A = Acc<scalar_t>;
     const Shape shape{B, N, key.size(1), query.size(2), value.size(2)};
     with_depth(shape.width_qk, [&](auto depth) {
-      forward_kernel<scalar_t, decltype(depth)::value>(
-          shape, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
-          center ? center->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-          log_normalizer_out.data_ptr<A>(), known, static_cast<A>(scale));
+      const auto run = [&](auto query_tile) {
+        forward_kernel<scalar_t, decltype(depth)::value, decltype(query_tile)::value>(
+            shape, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
+            center ? center->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+            log_normalizer_out.data_ptr<A>(), known, static_cast<A>(scale));
+      };
+      // AMX: the wider query tile where the queries fill it (N = 64 measured slower at 128)
+      if (amx_products<scalar_t>(shape.width_qk, shape.width_v) && N >= kAmxForwardQueryTile) {
+        run(std::integral_constant<int64_t, kAmxForwardQueryTile>{});
+      } else {
+        run(std::integral_constant<int64_t, kForwardQueryTile>{});
+      }
     });
   });
   return {out, log_normalizer_out};
