@@ -78,6 +78,35 @@ inline void for_channel_vectors(int64_t C, Fn fn) {
   for (int64_t c = 0; c < C; c += L) fn(c, std::min(L, C - c));
 }
 
+// out = x a + b + y c per channel, in one write over the rows: the forward's
+// normalisation (y the residual, c null: added as it is) and the backward's dx (y = dy).
+template <typename T, typename A>
+void affine_rows(const T* x, const A* a, const A* b, const T* y, const A* c, T* out, int64_t R, int64_t C) {
+  at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
+    Buffer<A> scratch(kBlockRows * C), y_scratch(y ? kBlockRows * C : 0), out_scratch(kBlockRows * C);
+    BlockOut<T, A> target{out, out_scratch};
+    for (int64_t r = begin; r < end; r += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, end - r);
+      const A* block = block_values(x, r, rows, C, scratch);
+      const A* added = y ? block_values(y, r, rows, C, y_scratch) : nullptr;
+      A* result = target.rows(r, C);
+      for_channel_vectors<A>(C, [&](int64_t ch, int64_t n) {
+        const Vec<A> ac = Vec<A>::loadu(a + ch, n), bc = Vec<A>::loadu(b + ch, n);
+        const Vec<A> cc = c ? Vec<A>::loadu(c + ch, n) : Vec<A>(A(0));
+        for (int64_t i = 0; i < rows; ++i) {
+          Vec<A> v = at::vec::fmadd(Vec<A>::loadu(block + i * C + ch, n), ac, bc);
+          if (added) {
+            const Vec<A> yv = Vec<A>::loadu(added + i * C + ch, n);
+            v = c ? at::vec::fmadd(yv, cc, v) : v + yv;
+          }
+          v.store(result + i * C + ch, n);
+        }
+      });
+      target.commit(r, rows, C);
+    }
+  });
+}
+
 template <typename T, typename A>
 void forward_kernel(const T* x, const A* weight, const A* bias, const T* residual, T* out, A* mean, A* var, A* invstd,
                     int64_t R, int64_t C, double eps) {
@@ -114,25 +143,7 @@ void forward_kernel(const T* x, const A* weight, const A* bias, const T* residua
     scale[c] = invstd[c] * weight[c];
     shift[c] = bias[c] - mean[c] * scale[c];
   }
-  at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
-    Buffer<A> scratch(kBlockRows * C), residual_scratch(residual ? kBlockRows * C : 0), out_scratch(kBlockRows * C);
-    BlockOut<T, A> target{out, out_scratch};
-    for (int64_t r = begin; r < end; r += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, end - r);
-      const A* block = block_values(x, r, rows, C, scratch);
-      const A* added = residual ? block_values(residual, r, rows, C, residual_scratch) : nullptr;
-      A* result = target.rows(r, C);
-      for_channel_vectors<A>(C, [&](int64_t c, int64_t n) {
-        const Vec<A> a = Vec<A>::loadu(scale.data() + c, n), b = Vec<A>::loadu(shift.data() + c, n);
-        for (int64_t i = 0; i < rows; ++i) {
-          Vec<A> y = at::vec::fmadd(Vec<A>::loadu(block + i * C + c, n), a, b);
-          if (added) y = y + Vec<A>::loadu(added + i * C + c, n);
-          y.store(result + i * C + c, n);
-        }
-      });
-      target.commit(r, rows, C);
-    }
-  });
+  affine_rows<T, A>(x, scale.data(), shift.data(), residual, nullptr, out, R, C);
 }
 
 template <typename T, typename A>
@@ -168,25 +179,7 @@ void backward_kernel(const T* grad_out, const T* x, const A* weight, const A* me
     j[c] = -k[c] * invstd[c] * invstd[c] * sums[C + c] / A(R);
     l[c] = -k[c] * sums[c] / A(R) - mean[c] * j[c];
   }
-  at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
-    Buffer<A> scratch(kBlockRows * C), grad_scratch(kBlockRows * C), out_scratch(kBlockRows * C);
-    BlockOut<T, A> target{grad_x, out_scratch};
-    for (int64_t r = begin; r < end; r += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, end - r);
-      const A* block = block_values(x, r, rows, C, scratch);
-      const A* dy = block_values(grad_out, r, rows, C, grad_scratch);
-      A* result = target.rows(r, C);
-      for_channel_vectors<A>(C, [&](int64_t c, int64_t n) {
-        const Vec<A> kc = Vec<A>::loadu(k.data() + c, n), jc = Vec<A>::loadu(j.data() + c, n);
-        const Vec<A> lc = Vec<A>::loadu(l.data() + c, n);
-        for (int64_t i = 0; i < rows; ++i) {
-          const Vec<A> part = at::vec::fmadd(Vec<A>::loadu(block + i * C + c, n), jc, lc);
-          at::vec::fmadd(Vec<A>::loadu(dy + i * C + c, n), kc, part).store(result + i * C + c, n);
-        }
-      });
-      target.commit(r, rows, C);
-    }
-  });
+  affine_rows<T, A>(x, j.data(), l.data(), grad_out, k.data(), grad_x, R, C);
 }
 
 void check_rows(const char* name, const Tensor& t, const Tensor& like) {

@@ -30,7 +30,9 @@
 
 #include <algorithm>
 #include <array>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace fastnl {
 namespace {
@@ -335,6 +337,12 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           const Vec<A> factor(scale);
           const A* row_log_normalizer = log_normalizer + first + q0;
           const A* row_delta = delta.data() + q0;
+          // p = exp(logit - log_normalizer) and dS = p (dP - delta) at `at` of the tile, for
+          // the row whose log_normalizer and delta are `shift` and `row_delta_v`
+          const auto p_and_ds = [&](int64_t at, const Vec<A>& shift, const Vec<A>& row_delta_v) {
+            const Vec<A> p = fast_exp(load_logits<kScale>(probs.data() + at, factor) - shift);
+            return std::pair{p, p * (Vec<A>::loadu(grad_logits.data() + at) - row_delta_v)};
+          };
           if constexpr (G > 1) {
             // two rows at a time, P and dS straight to bf16 as the products read them: in row
             // pairs (dV^T += dO^T P, dK^T += Q^T dS) and dS in rows (dQ += dS K); the float32
@@ -346,12 +354,10 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
               const Vec<A> delta_r(row_delta[r]), partner_delta(row_delta[partner]);
               for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
                 const int64_t at = r * columns + c, partner_at = partner * columns + c;
-                const Vec<A> p = fast_exp(load_logits<kScale>(probs.data() + at, factor) - shift);
-                const Vec<A> ds = p * (Vec<A>::loadu(grad_logits.data() + at) - delta_r);
+                const auto [p, ds] = p_and_ds(at, shift, delta_r);
                 Vec<A> partner_p(A(0)), partner_ds(A(0));
                 if (paired) {
-                  partner_p = fast_exp(load_logits<kScale>(probs.data() + partner_at, factor) - partner_shift);
-                  partner_ds = partner_p * (Vec<A>::loadu(grad_logits.data() + partner_at) - partner_delta);
+                  std::tie(partner_p, partner_ds) = p_and_ds(partner_at, partner_shift, partner_delta);
                   Product<T>::store_rounded(partner_ds, grad_logits_rounded.data() + partner_at);
                 }
                 Product<T>::store_pairs(p, partner_p, probs_groups.data() + r * columns + 2 * c);
@@ -367,13 +373,11 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                            grad_q.data() + q0 * grad_q_stride, padded_d, true);
           } else {
             for (int64_t r = 0; r < rows; ++r) {
-              A* p_row = probs.data() + r * columns;
-              A* ds_row = grad_logits.data() + r * columns;
               const Vec<A> shift(row_log_normalizer[r]), delta_r(row_delta[r]);
               for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
-                const Vec<A> p = fast_exp(load_logits<kScale>(p_row + c, factor) - shift);
-                p.store(p_row + c);
-                (p * (Vec<A>::loadu(ds_row + c) - delta_r)).store(ds_row + c);
+                const auto [p, ds] = p_and_ds(r * columns + c, shift, delta_r);
+                p.store(probs.data() + r * columns + c);
+                ds.store(grad_logits.data() + r * columns + c);
               }
             }
             matmul_tile<T>(E, columns, rows, grad_out_tile, 1, E, probs.data(), columns, grad_value_t + k0, key_stride,

@@ -192,20 +192,29 @@ struct Product<c10::BFloat16> {
 template <typename T>
 using Acc = typename Product<T>::Acc;
 
+// dst (cols, ld) = src (rows, cols) transposed, plainly: the row-major A of a product
+// contracted over src's rows; columns rows..ld zero.
+template <typename T>
+inline void transpose_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  constexpr int64_t kBlock = 32;  // at::vec's bf16 transpose takes at most 32 x 32
+  for (int64_t r = 0; r < rows; r += kBlock)
+    for (int64_t c = 0; c < cols; c += kBlock)
+      at::vec::transpose_mxn<T>(src + r * cols + c, cols, dst + c * ld + r, ld, std::min(kBlock, rows - r),
+                                std::min(kBlock, cols - c));
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, T(0));
+}
+
 // dst = src (rows, cols) transposed, as the B operand of a product contracted over
 // cols: (cols, ld) in groups of kGroup, lanes rows..ld and a missing last k zero. A
 // group of consecutive elements moves as one word (bf16 pairs as 32 bits), so unless
-// the last group is incomplete this is at::vec's transpose of words.
+// the last group is incomplete this is transpose_rows of words.
 template <typename T>
 inline void pack_transposed(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
   constexpr int64_t G = Product<T>::kGroup;
   if (cols % G == 0) {
     using Word = std::conditional_t<G == 1, T, float>;
     static_assert(G == 1 || sizeof(Word) == G * sizeof(T), "a group is one 32-bit word");
-    const int64_t words = cols / G;
-    at::vec::transpose_mxn<Word>(reinterpret_cast<const Word*>(src), words, reinterpret_cast<Word*>(dst), ld, rows,
-                                 words);
-    for (int64_t c = 0; c < words; ++c) std::fill(dst + (c * ld + rows) * G, dst + (c + 1) * ld * G, T(0));
+    transpose_rows(reinterpret_cast<const Word*>(src), rows, cols / G, reinterpret_cast<Word*>(dst), ld);
     return;
   }
   for (int64_t c = 0; c < round_up(cols, G); ++c) {
@@ -225,18 +234,6 @@ inline void pack_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t 
     for (int64_t c = 0; c < cols; ++c) out[c * G] = r < rows ? src[r * cols + c] : T(0);
     for (int64_t c = cols; c < ld; ++c) out[c * G] = T(0);
   }
-}
-
-// dst (cols, ld) = src (rows, cols) transposed, plainly: the row-major A of a product
-// contracted over src's rows; columns rows..ld zero.
-template <typename T>
-inline void transpose_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
-  constexpr int64_t kBlock = 32;  // at::vec's bf16 transpose takes at most 32 x 32
-  for (int64_t r = 0; r < rows; r += kBlock)
-    for (int64_t c = 0; c < cols; c += kBlock)
-      at::vec::transpose_mxn<T>(src + r * cols + c, cols, dst + c * ld + r, ld, std::min(kBlock, rows - r),
-                                std::min(kBlock, cols - c));
-  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, T(0));
 }
 
 // Register blocks of the product: AVX512 has 32 vector registers, AVX2 16.
