@@ -159,19 +159,21 @@ def float32_bfloat16(monkeypatch):
 
 
 def test_bfloat16_path_follows_the_cpu_and_the_choice(monkeypatch):
-    """Unset: native where its products run on AMX, else float32; "native" where the CPU
-    has AVX512-BF16 under an AVX512 build, on AMX or (oneDNN off) vdpbf16ps; "float32"
-    when chosen; without the kernels float32 with the reason."""
+    """Unset: native where its products run on AMX or vdpbf16ps is fast, else float32;
+    "native" where the CPU has AVX512-BF16 under an AVX512 build, on AMX or (oneDNN off)
+    vdpbf16ps; "float32" when chosen; without the kernels float32 with the reason."""
     monkeypatch.delenv(cpp.BFLOAT16_CHOICE, raising=False)
     if cpp._bfloat16_unbuildable() is None:
         assert torch.ops.fastnl_cpp.bfloat16_native()
-        default = (f"float32 (the default without AMX: {cpp.BFLOAT16_CHOICE}=native selects the AVX512-BF16 "
-                   f"kernels, on vdpbf16ps here)")
+        speedup = cpp.bfloat16_dot_speedup()
+        slow = (f"float32 (the default without AMX where vdpbf16ps is slow, here {speedup:.2f}x the float32 FMA "
+                f"rate: {cpp.BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels)")
+        without_amx = "avx512-bf16" if speedup >= cpp._NATIVE_DOT_SPEEDUP else slow
         amx = cpp._bfloat16_amx()
-        assert cpp.bfloat16_path() == ("amx" if amx else default)
+        assert cpp.bfloat16_path() == ("amx" if amx else without_amx)
         with monkeypatch.context() as without_onednn:
             without_onednn.setattr(torch.backends.mkldnn, "enabled", False)
-            assert not cpp._bfloat16_amx() and cpp.bfloat16_path() == default
+            assert not cpp._bfloat16_amx() and cpp.bfloat16_path() == without_amx
             without_onednn.setenv(cpp.BFLOAT16_CHOICE, "native")
             assert cpp.bfloat16_path() == "avx512-bf16"
         monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "native")
@@ -183,6 +185,32 @@ def test_bfloat16_path_follows_the_cpu_and_the_choice(monkeypatch):
     monkeypatch.setenv(cpp.BFLOAT16_CHOICE, "fast")
     with pytest.raises(ValueError, match="FASTNL_CPP_BFLOAT16 must be 'float32' or 'native'"):
         cpp.bfloat16_path()
+
+
+@pytest.mark.parametrize("speedup, path", [(0.5, "float32"), (2.0, "avx512-bf16")])
+def test_without_amx_the_default_follows_the_measured_dot_rate(speedup, path, monkeypatch):
+    """Without AMX (oneDNN off), unset chooses native exactly where vdpbf16ps has at
+    least the float32 FMA's FLOP rate: half (a Sapphire Rapids) converts, twice (a Zen 4)
+    runs native."""
+    if not cpp._bfloat16_kernels():
+        pytest.skip(f"no native bfloat16 here: {cpp.bfloat16_path()}")
+    monkeypatch.delenv(cpp.BFLOAT16_CHOICE, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    monkeypatch.setattr(cpp, "bfloat16_dot_speedup", lambda: speedup)
+    assert cpp.bfloat16_path().startswith(path)
+    assert (f"{speedup:.2f}x" in cpp.bfloat16_path()) == (path == "float32")
+
+
+def test_the_dot_rate_is_measured_where_the_kernels_run():
+    """A positive, finite ratio where the bfloat16 kernels are built and runnable, 0
+    elsewhere."""
+    measured = float(torch.ops.fastnl_cpp.bfloat16_dot_speedup())
+    if not cpp._bfloat16_kernels():
+        assert measured == 0.0 and cpp.bfloat16_dot_speedup() == 0.0
+        return
+    again = float(torch.ops.fastnl_cpp.bfloat16_dot_speedup())
+    assert 0.05 < measured < 20 and 0.05 < again < 20
+    assert 0.05 < cpp.bfloat16_dot_speedup() < 20
 
 
 @native_only

@@ -46,6 +46,9 @@ bool bfloat16_native();
 // Whether their bfloat16 products run on AMX tiles (oneDNN's brgemm) for even D and E:
 // the CPU and OS allow AMX and torch.backends.mkldnn is enabled; else on vdpbf16ps.
 bool bfloat16_amx();
+// The FLOP rate of vdpbf16ps over a float32 FMA's on this core, timed (0 where the
+// bfloat16 kernels are not built or not runnable): whether they pay without AMX.
+double bfloat16_dot_speedup();
 
 // Shapes, dtype, device and contiguity of the operands (bfloat16 among the dtypes when
 // `bfloat16` is true); errors name the argument.

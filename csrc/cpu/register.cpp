@@ -52,6 +52,7 @@ void check_operands(const Tensor& query, const Tensor& key, const Tensor& value,
 TORCH_LIBRARY(fastnl_cpp, m) {
   m.def("bfloat16_native() -> bool", &fastnl::bfloat16_native);  // no tensors: one kernel for every device
   m.def("bfloat16_amx() -> bool", &fastnl::bfloat16_amx);
+  m.def("bfloat16_dot_speedup() -> float", &fastnl::bfloat16_dot_speedup);
   m.def(
       "softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
       "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");

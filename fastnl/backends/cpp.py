@@ -14,19 +14,20 @@ with one warning, and an explicit `backend="cpp"` raises that reason.
 
 float32 and float64 run natively. bfloat16 inputs take one of two paths, chosen by
 `FASTNL_CPP_BFLOAT16` ("native" or "float32"; unset: native where its products run on
-AMX, else float32). "float32" computes them in float32 and rounds once at the end, as
-the "torch" backend does. "native" runs the bfloat16 softmax kernels, built where the
-CPU has AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo, and cpuid when loaded) with
--mavx512bf16 into a library whose name ends in "_bf16": they read bf16 operands, keep
-P and dS in float32 (rounded to bf16 only as operands of the next product, as
-FlashAttention does), log_normalizer in float32, and round each output once. Their
-products run on AMX tiles through oneDNN's brgemm (`torch.ops.fastnl_cpp.bfloat16_amx()`:
-the CPU has AMX and `torch.backends.mkldnn` is enabled; D and E even), else on
-vdpbf16ps with float32 sums. Native is the default only with AMX: on a Sapphire
-Rapids without it, vdpbf16ps did half the FLOPs per second of a float32 FMA and the
-native path ran slower than converting (`pytest benchmarks/test_model_shapes_bench.py
---benchmark-only` times both). `bfloat16_path()` says which path bfloat16 takes here,
-and why.
+AMX or vdpbf16ps is fast, else float32). "float32" computes them in float32 and rounds
+once at the end, as the "torch" backend does. "native" runs the bfloat16 softmax
+kernels, built where the CPU has AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo, and cpuid
+when loaded) with -mavx512bf16 into a library whose name ends in "_bf16": they read
+bf16 operands, keep P and dS in float32 (rounded to bf16 only as operands of the next
+product, as FlashAttention does), log_normalizer in float32, and round each output
+once. Their products run on AMX tiles through oneDNN's brgemm
+(`torch.ops.fastnl_cpp.bfloat16_amx()`: the CPU has AMX and `torch.backends.mkldnn` is
+enabled; D and E even), else on vdpbf16ps with float32 sums. Without AMX, native is the
+default where vdpbf16ps has at least the FLOP rate of a float32 FMA, timed once on
+first use (`bfloat16_dot_speedup`): on a Sapphire Rapids with AMX off it had half and
+the native path ran slower than converting; on a Zen 4 it has twice and native ran
+1.55x faster (`pytest benchmarks/test_model_shapes_bench.py --benchmark-only` times
+both). `bfloat16_path()` says which path bfloat16 takes here, and why.
 """
 import functools
 import os
@@ -125,7 +126,7 @@ def unavailable_reason(device_type):
     return _build_failure()
 
 
-BFLOAT16_CHOICE = "FASTNL_CPP_BFLOAT16"  # "native" or "float32"; unset: native where AMX runs it
+BFLOAT16_CHOICE = "FASTNL_CPP_BFLOAT16"  # "native" or "float32"; unset: native on AMX or a fast vdpbf16ps
 
 
 @functools.cache
@@ -140,13 +141,30 @@ def _bfloat16_amx():
     return _bfloat16_kernels() and bool(torch.ops.fastnl_cpp.bfloat16_amx())
 
 
+# Without AMX, native is the default where vdpbf16ps has at least the float32 FMA's FLOP
+# rate: measured at 0.5 on a Sapphire Rapids with AMX off (native ran slower than
+# converting) and 2.0 on a Zen 4 (native fwd+bwd 1.55x float32 at the model's shapes).
+_NATIVE_DOT_SPEEDUP = 1.0
+
+
+@functools.cache
+def bfloat16_dot_speedup():
+    """vdpbf16ps' FLOP rate over a float32 FMA's on this core, timed once (~1 ms);
+    0 where the bfloat16 kernels are not built or the CPU cannot run them."""
+    return float(torch.ops.fastnl_cpp.bfloat16_dot_speedup()) if _bfloat16_kernels() else 0.0
+
+
+def _bfloat16_fast_without_amx():
+    return _bfloat16_kernels() and bfloat16_dot_speedup() >= _NATIVE_DOT_SPEEDUP
+
+
 def _bfloat16_native():
     """Whether the softmax kernels take bfloat16 operands (chosen, built and runnable)."""
     choice = os.environ.get(BFLOAT16_CHOICE)
     if choice not in (None, "float32", "native"):
         raise ValueError(f"{BFLOAT16_CHOICE} must be 'float32' or 'native', got {choice!r}")
     if choice is None:
-        return _bfloat16_amx()
+        return _bfloat16_amx() or _bfloat16_fast_without_amx()
     return choice == "native" and _bfloat16_kernels()
 
 
@@ -159,8 +177,8 @@ def bfloat16_path():
     if _bfloat16_kernels():
         if os.environ.get(BFLOAT16_CHOICE) == "float32":
             return f"float32 (chosen by {BFLOAT16_CHOICE}=float32)"
-        return (f"float32 (the default without AMX: {BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels, "
-                f"on vdpbf16ps here)")
+        return (f"float32 (the default without AMX where vdpbf16ps is slow, here {bfloat16_dot_speedup():.2f}x "
+                f"the float32 FMA rate: {BFLOAT16_CHOICE}=native selects the AVX512-BF16 kernels)")
     reason = (_build_failure() or _bfloat16_unbuildable()
               or next((f"the build with -mavx512bf16 failed: {error}" for error in _bfloat16_build_errors), None)
               or "the CPU reports no AVX512-BF16 (cpuid)")
@@ -226,4 +244,4 @@ def concat_backward(grad_out, query, key, value, center, scale):
 
 if __name__ == "__main__":
     print(f"built the fastnl C++ CPU kernels ({_capability()}): {build(verbose=True)}")
-    print(f"bfloat16 softmax: {bfloat16_path()}")
+    print(f"bfloat16 softmax: {bfloat16_path()} (vdpbf16ps at {bfloat16_dot_speedup():.2f}x the float32 FMA rate)")
