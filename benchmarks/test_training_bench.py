@@ -14,8 +14,13 @@ medians, and paired: the median over PAIRS alternating steps of one against the 
 which a machine whose speed drifts between the groups (a shared VM) moves far less.
 Then the floor under the step ratio: the baseline's step plus the stage's op calls, the
 ratio a module costing nothing besides its nonlocal sums would reach.
+
+The process runs as `python -m fastnl.train` runs on CPU, with glibc keeping freed
+memory (fastnl.app.malloc, set when this module's first test runs; it cannot be undone,
+and this file's tests run last). `FASTNL_BENCH_MALLOC=unchanged` leaves malloc as it is.
 """
 import contextlib
+import os
 import statistics
 import time
 
@@ -25,11 +30,21 @@ import torch
 import torch.nn.functional as F
 
 import fastnl
+from fastnl.app.malloc import keep_freed_memory
 from fastnl.models import build_model
 
 BATCH = 128
 PAIRS = 15
 PRESETS = ["baseline", "original-3", "proposed-3", "proposed-6"]
+
+
+MALLOC = {}  # what the fixture below did to malloc, for the summary
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _malloc_as_training_runs():
+    keep = os.environ.get("FASTNL_BENCH_MALLOC") != "unchanged"
+    MALLOC["said"] = keep_freed_memory() if keep else "unchanged (FASTNL_BENCH_MALLOC=unchanged)"
 # name -> (memory format, autocast dtype or None)
 SETTINGS = {
     "float32": (torch.contiguous_format, None),
@@ -195,4 +210,6 @@ def _bars():
         baseline = summary.median(_group(setting), "baseline")
         if baseline is not None:
             lines.append(f"baseline {setting}: {BATCH / baseline:.0f} images/s")
+    if MALLOC:
+        lines.append(f"malloc: {MALLOC['said']}")
     return lines

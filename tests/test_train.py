@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastnl import backends
+from fastnl.app import engine
 from fastnl.app.checkpoint import load_model
 from fastnl.app.engine import train
 from fastnl.app.runlog import COLUMNS
@@ -102,6 +103,19 @@ def test_cpu_runs_default_to_channels_last_and_store_the_choice(image_folder, tm
     assert config.channels_last is (None if flag is None else expected)
     train(config)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["channels_last"] is expected
+
+
+@pytest.mark.parametrize("flag, expected", [(None, True), ("--no-keep-freed-memory", False)])
+def test_cpu_runs_keep_freed_memory_by_default_and_say_so(image_folder, tmp_path, flag, expected, monkeypatch):
+    """On by default on CPU (fastnl.app.malloc), off when asked; config.json stores the choice and what was
+    set."""
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or "set for the test")
+    config = _config(image_folder, tmp_path / "run", "--max-steps", "1", *([flag] if flag else []))
+    train(config)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["keep_freed_memory"] is expected and len(calls) == int(expected)
+    assert stored["run"]["malloc"] == ("set for the test" if expected else "unchanged")
 
 
 def test_a_reduced_schedule_scales_the_milestones_and_a_resume_keeps_them(image_folder, tmp_path):

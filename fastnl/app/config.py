@@ -38,6 +38,7 @@ class TrainConfig:
     device: str | None = None
     amp: str | None = None
     channels_last: bool | None = None  # None: resolved when a run starts (True on CPU)
+    keep_freed_memory: bool | None = None  # None: resolved when a run starts (True on CPU); fastnl.app.malloc
     compile: bool = False
     sync_bn: bool = False
     max_steps: int | None = None
@@ -76,7 +77,7 @@ def scaled_milestones(epochs):
 # settings that may change when a run is resumed: where and how long it runs, not what
 # it computes
 RESUMABLE_CHANGES = {"data_dir", "out", "epochs", "device", "max_steps", "cache_dir", "resume", "compile",
-                     "backend", "channels_last", "sync_bn"}
+                     "backend", "channels_last", "keep_freed_memory", "sync_bn"}
 
 
 def resume_mismatches(saved, current):

@@ -22,6 +22,7 @@ from fastnl.app.curves import plot_run
 from fastnl.app.data import load_dataset
 from fastnl.app.distributed import Ranks, convert_sync_batchnorm
 from fastnl.app.loops import evaluate, train_one_epoch
+from fastnl.app.malloc import keep_freed_memory
 from fastnl.app.runlog import code_version, epoch_line, write_json, write_logs
 from fastnl.models import build_model
 
@@ -89,12 +90,16 @@ def train(config):
 def _resolved(config, saved, device):
     """config with the defaults decided when a run starts filled in: the resumed
     checkpoint's choices, else the recipe's milestones scaled to --epochs and the
-    channels-last layout on CPU. Stored so in config.json and the checkpoint."""
+    channels-last layout and kept freed memory on CPU. Stored so in config.json and the
+    checkpoint."""
     if config.milestones is None:
         stored = saved.milestones if saved else None
         config = replace(config, milestones=stored if stored is not None else scaled_milestones(config.epochs))
     if config.channels_last is None:
         config = replace(config, channels_last=saved.channels_last if saved else device.type == "cpu")
+    if config.keep_freed_memory is None:
+        stored = saved.keep_freed_memory if saved else None
+        config = replace(config, keep_freed_memory=stored if stored is not None else device.type == "cpu")
     return config
 
 
@@ -116,6 +121,7 @@ def _train(config, ranks, device):
                      for name in mismatches]
             raise ValueError(f"--resume: {', '.join(flags)} differ from the checkpoint's settings; drop them "
                              f"to continue the run as it was, or start a new --out")
+    malloc = keep_freed_memory() if config.keep_freed_memory else "unchanged"
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_model(**config.model_kwargs())
@@ -140,7 +146,7 @@ def _train(config, ranks, device):
     facts = {"device": str(device), "nonlocal_backend": _nonlocal_backend(model, config, device),
              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
              "train_images": len(train_labels), "test_images": len(test_labels), "world_size": ranks.world_size,
-             "code_version": code_version()}
+             "code_version": code_version(), "malloc": malloc}
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**config.to_dict(), "run": facts})

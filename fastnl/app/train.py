@@ -64,11 +64,15 @@ def parser():
     p.add_argument("--seed", type=int, default=default.seed)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1; None: cuda if available")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                   help="autocast dtype; bf16 is the fast mode on GPUs and on CPUs with AMX (without AMX, "
-                        "oneDNN's bf16 convolutions are slower than float32 ones)")
+                   help="autocast dtype; bf16 is the fast mode on GPUs and on CPUs with AMX or a full-rate "
+                        "AVX512-BF16 such as a Zen 4 (on a Sapphire Rapids with AMX off, oneDNN's bf16 "
+                        "convolutions were slower than float32 ones)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format for model and inputs; None: on for CPU runs (faster there, "
                         "the same float32 numerics), off elsewhere")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="raise glibc malloc's mmap and trim thresholds, so freed tensors are reused and not "
+                        "faulted in again each step (fastnl/app/malloc.py); None: on for CPU runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, the "
