@@ -118,6 +118,25 @@ def test_cpu_runs_keep_freed_memory_by_default_and_say_so(image_folder, tmp_path
     assert stored["run"]["malloc"] == ("set for the test" if expected else "unchanged")
 
 
+BF16 = ["--amp", "bf16"]
+
+
+@pytest.mark.parametrize("preset, amp", [("proposed-2", BF16), ("proposed-2", []), ("baseline", BF16)])
+def test_config_json_says_which_bfloat16_path_the_kernels_took(image_folder, tmp_path, preset, amp):
+    """Under --amp bf16 on the cpp kernels, bfloat16_path() (native or converted: their numerics); else None."""
+    assert main(["--data-dir", str(image_folder), "--out", str(tmp_path / "run"), "--preset", preset, *QUICK,
+                 "--epochs", "1", "--max-steps", "1", *amp]) == 0
+    run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    expected = None
+    if run["nonlocal_backend"] == "cpp" and amp:
+        from fastnl.backends import cpp
+
+        expected = cpp.bfloat16_path()
+    assert run["bfloat16_path"] == expected
+    if preset != "baseline" and amp and backends.resolve(None, "cpu") == "cpp":
+        assert expected is not None  # the case that matters was exercised
+
+
 def test_a_reduced_schedule_scales_the_milestones_and_a_resume_keeps_them(image_folder, tmp_path):
     out = tmp_path / "run"
     base = ["--data-dir", str(image_folder), "--out", str(out), "--device", "cpu", "--batch-size", "8",

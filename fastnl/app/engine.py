@@ -34,6 +34,16 @@ def _nonlocal_backend(model, config, device):
     return config.backend if config.backend == "reference" else backends.resolve(config.backend, device.type)
 
 
+def _bfloat16_path(config, nonlocal_backend):
+    """Under --amp bf16 on the cpp kernels, the path bf16 takes there (native on AMX or
+    vdpbf16ps, or converted to float32): it decides their numerics. None otherwise."""
+    if config.amp != "bf16" or nonlocal_backend != "cpp":
+        return None
+    from fastnl.backends import cpp  # only where it ran
+
+    return cpp.bfloat16_path()
+
+
 def _data(config, device, ranks):
     with ranks.main_first():  # rank 0 decodes (and caches) an ImageFolder tree, the others read the cache
         train_images, train_labels = load_dataset(config.dataset, config.data_dir, True, config.cache_dir)
@@ -147,6 +157,7 @@ def _train(config, ranks, device):
              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
              "train_images": len(train_labels), "test_images": len(test_labels), "world_size": ranks.world_size,
              "code_version": code_version(), "malloc": malloc}
+    facts["bfloat16_path"] = _bfloat16_path(config, facts["nonlocal_backend"])
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**config.to_dict(), "run": facts})
