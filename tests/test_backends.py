@@ -5,7 +5,7 @@ import torch
 from harness import MODES, compare, cpu_backends, make_inputs
 
 import fastnl
-from fastnl import affinities, reference
+from fastnl import affinities, backends, reference
 
 KERNELS = affinities.names()  # every registered kernel
 
@@ -145,3 +145,13 @@ def test_value_as_its_own_center(backend, kernel):
     separate = fastnl.nonlocal_diffuse(query, key, value, copy, kernel=kernel, backend=backend)
     grad_value, grad_center = torch.autograd.grad(separate, (value, copy), grad_out)
     assert torch.equal(separate, out) and torch.equal(grad, grad_value + grad_center)
+
+
+def test_bfloat16_path_names_the_choice_where_a_backend_makes_one():
+    """The cpp backend chooses how it computes bf16 (its bfloat16_path); the others, and
+    "reference", have one way and say None."""
+    assert backends.bfloat16_path("torch") is None and backends.bfloat16_path("reference") is None
+    if backends.unavailable_reason("cpp", "cpu") is None:
+        from fastnl.backends import cpp
+
+        assert backends.bfloat16_path("cpp") == cpp.bfloat16_path()

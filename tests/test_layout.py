@@ -11,7 +11,7 @@ PACKAGE = Path(fastnl.__file__).parent
 SURFACE = {
     "fastnl": set(fastnl.__all__) | {"backends"},
     "fastnl.models": None,
-    "fastnl.backends": {"resolve"},
+    "fastnl.backends": {"resolve", "bfloat16_path"},
     "fastnl.reference": {"normalized_affinity"},
     "fastnl.modules": {"MODES"},
     "fastnl._probe": {"captured_forward"},

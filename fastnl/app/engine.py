@@ -35,13 +35,10 @@ def _nonlocal_backend(model, config, device):
 
 
 def _bfloat16_path(config, nonlocal_backend):
-    """Under --amp bf16 on the cpp kernels, the path bf16 takes there (native on AMX or
-    vdpbf16ps, or converted to float32): it decides their numerics. None otherwise."""
-    if config.amp != "bf16" or nonlocal_backend != "cpp":
-        return None
-    from fastnl.backends import cpp  # only where it ran
-
-    return cpp.bfloat16_path()
+    """Under --amp bf16, the path bf16 takes in the nonlocal backend where it chooses one
+    (the cpp kernels: native on AMX or vdpbf16ps, or converted to float32), which decides
+    their numerics. None otherwise."""
+    return backends.bfloat16_path(nonlocal_backend) if config.amp == "bf16" else None
 
 
 def _data(config, device, ranks):

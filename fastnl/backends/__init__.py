@@ -144,3 +144,11 @@ def resolve(name, device_type, widths=None, kernel=None):
 def get(name):
     """The module implementing backend `name` (already resolved)."""
     return _load(name)
+
+
+def bfloat16_path(name):
+    """How backend `name` computes bfloat16 inputs, where it chooses (the cpp backend's
+    `bfloat16_path()`: native on AMX or vdpbf16ps, or converted to float32); None for
+    the backends that have one way, "reference" among them."""
+    choose = getattr(get(name), "bfloat16_path", None) if name in _MODULES else None
+    return choose() if choose is not None else None
