@@ -34,13 +34,6 @@ def _nonlocal_backend(model, config, device):
     return config.backend if config.backend == "reference" else backends.resolve(config.backend, device.type)
 
 
-def _bfloat16_path(config, nonlocal_backend):
-    """Under --amp bf16, the path bf16 takes in the nonlocal backend where it chooses one
-    (the cpp kernels: native on AMX or vdpbf16ps, or converted to float32), which decides
-    their numerics. None otherwise."""
-    return backends.bfloat16_path(nonlocal_backend) if config.amp == "bf16" else None
-
-
 def _data(config, device, ranks):
     with ranks.main_first():  # rank 0 decodes (and caches) an ImageFolder tree, the others read the cache
         train_images, train_labels = load_dataset(config.dataset, config.data_dir, True, config.cache_dir)
@@ -150,11 +143,14 @@ def _train(config, ranks, device):
         _set_rng_state(state["rng"], generator, device)
         epoch, step, history = state["epoch"], state["step"], state["history"]
     train_images, train_labels, test_images, test_labels = _data(config, device, ranks)
-    facts = {"device": str(device), "nonlocal_backend": _nonlocal_backend(model, config, device),
+    nonlocal_backend = _nonlocal_backend(model, config, device)
+    # under --amp bf16, how the backend computes bf16 where it chooses (cpp: native or
+    # converted to float32), which decides its numerics
+    bfloat16_path = backends.bfloat16_path(nonlocal_backend) if config.amp == "bf16" else None
+    facts = {"device": str(device), "nonlocal_backend": nonlocal_backend, "bfloat16_path": bfloat16_path,
              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
              "train_images": len(train_labels), "test_images": len(test_labels), "world_size": ranks.world_size,
              "code_version": code_version(), "malloc": malloc}
-    facts["bfloat16_path"] = _bfloat16_path(config, facts["nonlocal_backend"])
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**config.to_dict(), "run": facts})

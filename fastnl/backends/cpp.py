@@ -154,17 +154,13 @@ def bfloat16_dot_speedup():
     return float(torch.ops.fastnl_cpp.bfloat16_dot_speedup()) if _bfloat16_kernels() else 0.0
 
 
-def _bfloat16_fast_without_amx():
-    return _bfloat16_kernels() and bfloat16_dot_speedup() >= _NATIVE_DOT_SPEEDUP
-
-
 def _bfloat16_native():
     """Whether the softmax kernels take bfloat16 operands (chosen, built and runnable)."""
     choice = os.environ.get(BFLOAT16_CHOICE)
     if choice not in (None, "float32", "native"):
         raise ValueError(f"{BFLOAT16_CHOICE} must be 'float32' or 'native', got {choice!r}")
     if choice is None:
-        return _bfloat16_amx() or _bfloat16_fast_without_amx()
+        return _bfloat16_amx() or (_bfloat16_kernels() and bfloat16_dot_speedup() >= _NATIVE_DOT_SPEEDUP)
     return choice == "native" and _bfloat16_kernels()
 
 
