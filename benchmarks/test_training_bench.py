@@ -37,7 +37,12 @@ BATCH = 128
 PAIRS = 15
 PRESETS = ["baseline", "original-3", "proposed-3", "proposed-6"]
 
-
+# name -> (memory format, autocast dtype or None)
+SETTINGS = {
+    "float32": (torch.contiguous_format, None),
+    "float32 channels_last": (torch.channels_last, None),
+    "bf16 channels_last": (torch.channels_last, torch.bfloat16),
+}
 MALLOC = {}  # what the fixture below did to malloc, for the summary
 
 
@@ -45,12 +50,6 @@ MALLOC = {}  # what the fixture below did to malloc, for the summary
 def _malloc_as_training_runs():
     keep = os.environ.get("FASTNL_BENCH_MALLOC") != "unchanged"
     MALLOC["said"] = keep_freed_memory() if keep else "unchanged (FASTNL_BENCH_MALLOC=unchanged)"
-# name -> (memory format, autocast dtype or None)
-SETTINGS = {
-    "float32": (torch.contiguous_format, None),
-    "float32 channels_last": (torch.channels_last, None),
-    "bf16 channels_last": (torch.channels_last, torch.bfloat16),
-}
 
 
 def _autocast(dtype):
