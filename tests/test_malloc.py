@@ -17,13 +17,12 @@ from fastnl.app import malloc
 PATTERN = """
 import json, resource, sys
 import torch
-from fastnl.app.malloc import keep_freed_memory
+from fastnl.app import malloc
 if sys.argv[1] == "keep":
-    said = keep_freed_memory()
-else:  # glibc's starting thresholds, held (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)
-    import ctypes
-    libc = ctypes.CDLL(None)
-    said = str(libc.mallopt(-3, 128 << 10) and libc.mallopt(-1, 128 << 10))
+    said = malloc.keep_freed_memory()
+else:  # glibc's starting thresholds, held
+    libc = malloc._glibc()
+    said = str(libc.mallopt(malloc.M_MMAP_THRESHOLD, 128 << 10) and libc.mallopt(malloc.M_TRIM_THRESHOLD, 128 << 10))
 def round_():  # 8 tensors of 4 MiB (below the raised mmap threshold), written, then all freed
     tensors = [torch.empty(1 << 20).fill_(1.0) for _ in range(8)]
     del tensors
