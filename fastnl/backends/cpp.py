@@ -76,12 +76,21 @@ def _bfloat16_unbuildable():
     return None
 
 
-def _load(name, flags, verbose):
+def _flags(bfloat16):
+    """The compiler flags of the kernels on this machine's vector capability, with the
+    bfloat16 kernels' where `bfloat16`."""
+    flags = _CAPABILITY_FLAGS.get(_capability(), ["-DCPU_CAPABILITY=DEFAULT"])
+    return [*flags, *_BFLOAT16_FLAGS] if bfloat16 else list(flags)
+
+
+def _load(name, flags, verbose, sources=None):
+    """Compile (or find in torch's extension cache) `sources` (csrc/cpu) as library `name`."""
     from torch.utils import cpp_extension
 
+    sources = sources or source_dir("cpu")
     return cpp_extension.load(
         name=extension_name(name),
-        sources=sorted(str(path) for path in source_dir("cpu").glob("*.cpp")),
+        sources=sorted(str(path) for path in sources.glob("*.cpp")),
         # -fopenmp: at::parallel_for is inline and runs serially without it
         extra_cflags=["-O3", "-fopenmp", *flags],
         extra_ldflags=["-fopenmp"],
@@ -96,16 +105,14 @@ def build(verbose=False):
     Where the CPU has AVX512-BF16 the bfloat16 kernels are built in; if the compiler
     fails on that build, the library is built without them (`bfloat16_path` says why).
     """
-    capability = _capability()
-    name = f"fastnl_cpp_{capability.lower()}"
-    flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+    name = f"fastnl_cpp_{_capability().lower()}"
     if _bfloat16_unbuildable() is None:
         try:
-            return _load(f"{name}_bf16", [*flags, *_BFLOAT16_FLAGS], verbose)
+            return _load(f"{name}_bf16", _flags(bfloat16=True), verbose)
         except Exception as error:  # e.g. a compiler without -mavx512bf16
             lines = str(error).splitlines() or [""]
             _bfloat16_build_errors.append(next((line for line in lines if "error:" in line), lines[0]))
-    return _load(name, flags, verbose)
+    return _load(name, _flags(bfloat16=False), verbose)
 
 
 @functools.cache
