@@ -20,6 +20,13 @@ SIZES = [
     dict(batch=16, positions=64, width=32, value_width=64),
 ]
 
+# The models' own: PreResNet-20's three stages at the training batch, B = 128, E = D
+MODEL_SIZES = [
+    dict(batch=128, positions=1024, width=8, value_width=8),
+    dict(batch=128, positions=256, width=16, value_width=16),
+    dict(batch=128, positions=64, width=32, value_width=32),
+]
+
 
 def size_name(size):
     return f"B{size['batch']}-N{size['positions']}-D{size['width']}-E{size['value_width']}"

@@ -15,7 +15,7 @@ from time import perf_counter
 import pytest
 import summary
 import torch
-from cases import make_inputs, run_step, sdpa_diffuse, size_name
+from cases import MODEL_SIZES, make_inputs, run_step, sdpa_diffuse, size_name
 
 import fastnl
 from fastnl import backends
@@ -24,11 +24,6 @@ from fastnl.backends import cpp
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
 
-MODEL_SIZES = [
-    dict(batch=128, positions=1024, width=8, value_width=8),
-    dict(batch=128, positions=256, width=16, value_width=16),
-    dict(batch=128, positions=64, width=32, value_width=32),
-]
 BAR_SIZE = MODEL_SIZES[1]
 STAGE_SIZE = MODEL_SIZES[1]
 STAGE_BLOCKS = [2, 4, 6]

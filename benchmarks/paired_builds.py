@@ -1,0 +1,121 @@
+"""The cpp kernels of two revisions timed against each other in one process, their calls
+interleaved. On a shared 2-core VM one build's timings moved 15-20% between runs, which
+hides a 10% change; two calls a few milliseconds apart see the same machine.
+
+    python benchmarks/paired_builds.py [BASE] [NEW] [--rounds 20]
+
+BASE and NEW are git revisions, or "work" for the working tree (default: HEAD against
+the working tree). Each side's csrc/cpu is copied with its operator namespace renamed
+(fastnl_cpp -> fastnl_cpp_base, fastnl_cpp_new) and its C++ namespace too, so that the
+two libraries load side by side and never bind to each other's symbols. Both are built
+with the backend's own flags (fastnl.backends.cpp): about a minute each, in torch's
+extension cache. At each model shape (cases.MODEL_SIZES) and dtype, every round runs
+softmax fwd and bwd once on each side, the side that goes first alternating. The
+script prints the medians, NEW's median per-round speed-up, and whether the two
+builds' outputs (out, log_normalizer and the three gradients) are bitwise equal.
+"""
+import argparse
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from cases import MODEL_SIZES, make_inputs, size_name
+
+from fastnl.backends import cpp
+
+REPO = Path(__file__).resolve().parents[1]
+SIDES = ("base", "new")
+
+
+def renamed(text, tag):
+    """C++ source with the operator namespace fastnl_cpp and the C++ namespace fastnl
+    suffixed by `tag`."""
+    text = re.sub(r"\bTORCH_LIBRARY(_IMPL)?\(fastnl_cpp,", rf"TORCH_LIBRARY\1(fastnl_cpp_{tag},", text)
+    text = re.sub(r"\bnamespace fastnl\b", f"namespace fastnl_{tag}", text)
+    return re.sub(r"\bfastnl::", f"fastnl_{tag}::", text)
+
+
+def export_sources(revision, tag, into):
+    """csrc/cpu of `revision` ("work": the working tree) into the folder `into`, renamed by `tag`."""
+    if revision == "work":
+        files = {path.name: path.read_text() for path in (REPO / "csrc/cpu").iterdir() if path.is_file()}
+    else:
+        listing = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", revision, "csrc/cpu/"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        files = {Path(path).name: subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{path}"],
+                                                 capture_output=True, text=True, check=True).stdout
+                 for path in listing}
+    for name, text in files.items():
+        (Path(into) / name).write_text(renamed(text, tag))
+
+
+def load_side(revision, tag):
+    """Build `revision`'s kernels as torch.ops.fastnl_cpp_<tag> and return that namespace."""
+    bfloat16 = cpp._bfloat16_unbuildable() is None
+    folder = Path(tempfile.mkdtemp(prefix=f"fastnl-paired-{tag}-"))
+    export_sources(revision, tag, folder)
+    cpp._load(f"fastnl_paired_{tag}", cpp._flags(bfloat16), verbose=False, sources=folder)
+    return getattr(torch.ops, f"fastnl_cpp_{tag}")
+
+
+def paired_times(calls, rounds):
+    """{side: [seconds]} of calls {side: fn}, one call per side a round, the first alternating."""
+    times = {side: [] for side in calls}
+    for round_index in range(rounds):
+        order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
+        for side in order:
+            start = time.perf_counter()
+            calls[side]()
+            times[side].append(time.perf_counter() - start)
+    return times
+
+
+def speed_up(times):
+    """NEW's median per-round speed-up over BASE."""
+    return statistics.median(base / new for base, new in zip(times["base"], times["new"]))
+
+
+def compare(ops, size, dtype, rounds):
+    """One row: medians, speed-ups and bitwise equality of one shape and dtype."""
+    query, key, value = make_inputs(size, requires_grad=False, dtype=dtype)
+    grad_out = torch.randn_like(value)
+    results = {side: op.softmax_forward(query, key, value, value, None, 1.0) for side, op in ops.items()}
+    out, log_normalizer = results["base"]
+    grads = {side: op.softmax_backward(grad_out, query, key, value, value, out, log_normalizer, 1.0)
+             for side, op in ops.items()}
+    equal = all(torch.equal(a, b) for a, b in zip((*results["base"], *grads["base"]), (*results["new"], *grads["new"])))
+    forward = paired_times({side: lambda op=op: op.softmax_forward(query, key, value, value, None, 1.0)
+                            for side, op in ops.items()}, rounds)
+    backward = paired_times({side: lambda op=op: op.softmax_backward(grad_out, query, key, value, value, out,
+                                                                     log_normalizer, 1.0)
+                             for side, op in ops.items()}, rounds)
+    medians = {side: f"{statistics.median(forward[side]) * 1e3:7.2f} / {statistics.median(backward[side]) * 1e3:7.2f}"
+               for side in SIDES}
+    return (f"  {size_name(size) + ' ' + str(dtype).removeprefix('torch.'):30} {medians['base']:>17}  "
+            f"{medians['new']:>17}  {speed_up(forward):5.2f} {speed_up(backward):5.2f}    "
+            f"{'bitwise equal' if equal else 'differ'}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", nargs="?", default="HEAD", help="a git revision, or 'work' (default HEAD)")
+    parser.add_argument("new", nargs="?", default="work", help="a git revision, or 'work' (default)")
+    parser.add_argument("--rounds", type=int, default=20, help="paired calls per shape, dtype and direction")
+    args = parser.parse_args(argv)
+    ops = {side: load_side(revision, side) for side, revision in zip(SIDES, (args.base, args.new))}
+    native = all(op.bfloat16_native() for op in ops.values())
+    dtypes = [torch.float32] + ([torch.bfloat16] if native else [])
+    products = ("AMX" if ops["new"].bfloat16_amx() else "vdpbf16ps") if native else "no bf16 kernels"
+    print(f"paired_builds: base {args.base} against new {args.new}, {args.rounds} rounds (bf16 products: {products})")
+    print(f"  {'case':30} {'base fwd / bwd ms':>17}  {'new fwd / bwd ms':>17}  speed-up fwd, bwd  outputs")
+    for size in MODEL_SIZES:
+        for dtype in dtypes:
+            print(compare(ops, size, dtype, args.rounds), flush=True)
+
+
+if __name__ == "__main__":
+    main()
