@@ -332,8 +332,13 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           matmul_rows<T, DEPTH>(amx, rows, columns, D, query_tile, D, key_t.data(), columns, probs.data(), columns,
                                 false);
           mask_padding(probs.data(), rows, keys, columns);
-          matmul_rows<T>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(), columns,
-                         false);
+          if (E == DEPTH) {  // the models' E = D: dP at a compile-time depth too
+            matmul_rows<T, DEPTH>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(),
+                                  columns, false);
+          } else {
+            matmul_rows<T>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(),
+                           columns, false);
+          }
           const Vec<A> factor(scale);
           const A* row_log_normalizer = log_normalizer + first + q0;
           const A* row_delta = delta.data() + q0;
