@@ -7,15 +7,16 @@ measured in the same run, to explain the ratios.
     pytest benchmarks/test_model_shapes_bench.py --benchmark-only
 
 One group per problem and dtype, one row per implementation (cases.py's problems and
-SDPA peer). The summary prints the bars at N256 D16 E16 and the same ratios, without
-bars, at the other two shapes; then fastnl's own FLOP rate beside torch.mm's.
+SDPA peer). The summary prints the bars at N256 D16 E16, each also paired (the median
+ratio over PAIRS alternating steps of its two sides), and the same ratios, without bars,
+at the other two shapes; then fastnl's own FLOP rate beside torch.mm's.
 """
 from time import perf_counter
 
 import pytest
 import summary
 import torch
-from cases import MODEL_SIZES, make_inputs, run_step, sdpa_diffuse, size_name
+from cases import MODEL_SIZES, make_inputs, paired_ratio, run_step, sdpa_diffuse, size_name
 
 import fastnl
 from fastnl import backends
@@ -109,6 +110,34 @@ def test_model_stage_chain(benchmark, record, monkeypatch, blocks, dtype_name, i
     record(benchmark, implementation)
 
 
+# the N256 bars, each also as a paired ratio: bar -> (slower, faster), each (implementation, dtype)
+PAIRED_BARS = {
+    "cpp vs SDPA, float32": (("sdpa", "float32"), ("cpp", "float32")),
+    "cpp native bf16 vs cpp float32": (("cpp", "float32"), ("cpp native", "bfloat16")),
+    "cpp native bf16 vs SDPA bf16": (("sdpa", "bfloat16"), ("cpp native", "bfloat16")),
+}
+PAIRS = 15
+
+
+@pytest.mark.parametrize("bar", list(PAIRED_BARS))
+def test_bar_paired(benchmark, monkeypatch, bar):
+    """A bar's two fwd+bwd steps at N256 alternately (one pair, untimed, when benchmarks
+    are disabled): the groups' medians come from minutes apart, when a shared VM may run
+    at another speed."""
+    implementations = [implementation for implementation, _ in PAIRED_BARS[bar]]
+    _choose(monkeypatch, "cpp native" if "cpp native" in implementations else "cpp")
+    steps = []
+    for implementation, dtype_name in PAIRED_BARS[bar]:
+        inputs = make_inputs(BAR_SIZE, requires_grad=True, dtype=DTYPES[dtype_name])
+        steps.append(lambda function=IMPLEMENTATIONS[implementation], inputs=inputs: run_step(function, inputs, True))
+    for step in steps:  # warm-up
+        step()
+    benchmark.group = f"paired: {bar}"
+    ratio = benchmark.pedantic(paired_ratio, args=(*steps, 1 if benchmark.disabled else PAIRS), rounds=1)
+    if not benchmark.disabled:
+        summary.VALUES[f"paired: {bar}"] = ratio
+
+
 def _time(function, *args, **kwargs):
     start = perf_counter()
     function(*args, **kwargs)
@@ -156,13 +185,19 @@ def _summary_lines():
     _, native_versus_float32, native_versus_sdpa_bf16 = _ratios(BAR_SIZE, "cpp native")
     # the bf16 bars hold the path bfloat16 takes here by default (bfloat16_path)
     native_default = cpp.bfloat16_path() in ("amx", "avx512-bf16")
-    lines += summary.bar_lines([
-        (f"{name}: cpp vs SDPA, float32", versus_sdpa, 1.5),
-        (f"{name}: cpp bf16 converted vs cpp float32", versus_float32, None if native_default else 1.5),
-        (f"{name}: cpp bf16 converted vs SDPA bf16", versus_sdpa_bf16, None if native_default else 4.0),
-        (f"{name}: cpp native bf16 vs cpp float32", native_versus_float32, 1.5 if native_default else None),
-        (f"{name}: cpp native bf16 vs SDPA bf16", native_versus_sdpa_bf16, 4.0 if native_default else None),
-    ])
+    bars = [
+        ("cpp vs SDPA, float32", versus_sdpa, 1.5),
+        ("cpp bf16 converted vs cpp float32", versus_float32, None if native_default else 1.5),
+        ("cpp bf16 converted vs SDPA bf16", versus_sdpa_bf16, None if native_default else 4.0),
+        ("cpp native bf16 vs cpp float32", native_versus_float32, 1.5 if native_default else None),
+        ("cpp native bf16 vs SDPA bf16", native_versus_sdpa_bf16, 4.0 if native_default else None),
+    ]
+    with_paired = []
+    for bar_name, value, bar in bars:
+        with_paired.append((f"{name}: {bar_name}", value, bar))
+        if f"paired: {bar_name}" in summary.VALUES:
+            with_paired.append((f"  paired, {PAIRS} alternating steps", summary.VALUES[f"paired: {bar_name}"], bar))
+    lines += summary.bar_lines(with_paired)
     for size in MODEL_SIZES:
         if size is BAR_SIZE:
             continue

@@ -21,13 +21,12 @@ and this file's tests run last). `FASTNL_BENCH_MALLOC=unchanged` leaves malloc a
 """
 import contextlib
 import os
-import statistics
-import time
 
 import pytest
 import summary
 import torch
 import torch.nn.functional as F
+from cases import paired_ratio
 
 import fastnl
 from fastnl.app.malloc import keep_freed_memory
@@ -135,19 +134,6 @@ def test_stage_against_its_op_calls(benchmark, record, precision, implementation
     record(benchmark, implementation)
 
 
-def _paired_ratio(slower, faster, pairs):
-    """Median over `pairs` of time(slower step) / time(faster step), run alternately."""
-    ratios = []
-    for _ in range(pairs):
-        times = []
-        for step in (slower, faster):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
-    return statistics.median(ratios)
-
-
 def _model_steps(setting):
     return lambda: [_training_step(preset, *SETTINGS[setting]) for preset in ("proposed-3", "baseline")]
 
@@ -175,7 +161,7 @@ def test_bar_paired(benchmark, bar):
     for step in (slower, faster):  # warm-up
         step()
     benchmark.group = f"paired: {bar}"
-    ratio = benchmark.pedantic(_paired_ratio, args=(slower, faster, 1 if benchmark.disabled else PAIRS), rounds=1)
+    ratio = benchmark.pedantic(paired_ratio, args=(slower, faster, 1 if benchmark.disabled else PAIRS), rounds=1)
     if not benchmark.disabled:
         summary.VALUES[f"paired: {bar}"] = ratio
 
