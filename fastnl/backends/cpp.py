@@ -26,8 +26,9 @@ enabled; D and E even), else on vdpbf16ps with float32 sums. Without AMX, native
 default where vdpbf16ps has at least the FLOP rate of a float32 FMA, timed once on
 first use (`bfloat16_dot_speedup`): on a Sapphire Rapids with AMX off it had half and
 the native path ran slower than converting; on a Zen 4 it has twice and native ran
-1.55x faster (`pytest benchmarks/test_model_shapes_bench.py --benchmark-only` times
-both). `bfloat16_path()` says which path bfloat16 takes here, and why.
+1.2-1.7x faster than converting at the models' three shapes
+(`pytest benchmarks/test_model_shapes_bench.py --benchmark-only` times both).
+`bfloat16_path()` says which path bfloat16 takes here, and why.
 """
 import functools
 import os
@@ -150,7 +151,7 @@ def _bfloat16_amx():
 
 # Without AMX, native is the default where vdpbf16ps has at least the float32 FMA's FLOP
 # rate: measured at 0.5 on a Sapphire Rapids with AMX off (native ran slower than
-# converting) and 2.0 on a Zen 4 (native fwd+bwd 1.55x float32 at the model's shapes).
+# converting) and 2.0 on a Zen 4 (native fwd+bwd 1.2-1.7x converting at the model's shapes).
 _NATIVE_DOT_SPEEDUP = 1.0
 
 
