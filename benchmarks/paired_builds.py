@@ -56,9 +56,9 @@ def export_sources(revision, tag, into):
 def load_side(revision, tag):
     """Build `revision`'s kernels as torch.ops.fastnl_cpp_<tag> and return that namespace."""
     bfloat16 = cpp._bfloat16_unbuildable() is None
-    folder = Path(tempfile.mkdtemp(prefix=f"fastnl-paired-{tag}-"))
-    export_sources(revision, tag, folder)
-    cpp._load(f"fastnl_paired_{tag}", cpp._flags(bfloat16), verbose=False, sources=folder)
+    with tempfile.TemporaryDirectory(prefix=f"fastnl-paired-{tag}-") as folder:  # the build keeps its own copy
+        export_sources(revision, tag, folder)
+        cpp._load(f"fastnl_paired_{tag}", cpp._flags(bfloat16), verbose=False, sources=Path(folder))
     return getattr(torch.ops, f"fastnl_cpp_{tag}")
 
 
