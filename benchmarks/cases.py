@@ -4,9 +4,7 @@ Run as a script it measures one case's peak extra memory in a fresh process (Lin
     python benchmarks/cases.py IMPLEMENTATION SIZE_INDEX {forward,backward}
 and prints the growth of the resident-set high-water mark in bytes.
 """
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -69,20 +67,6 @@ def run_step(function, inputs, backward):
     if backward:
         out.backward(torch.ones_like(out))
     return out
-
-
-def paired_ratio(slower, faster, pairs):
-    """Median over `pairs` of time(slower step) / time(faster step), run alternately: on a
-    shared VM the machine's speed drifts between a group's rounds and the next group's."""
-    ratios = []
-    for _ in range(pairs):
-        times = []
-        for step in (slower, faster):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
-    return statistics.median(ratios)
 
 
 if __name__ == "__main__":

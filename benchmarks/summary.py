@@ -5,6 +5,8 @@ extra memory) and each suite's section of ratios against its bars are printed.
 A plain module rather than conftest.py: test modules import it by name, and so share
 its state with the hook that prints it.
 """
+import statistics
+import time
 from collections import defaultdict
 
 RESULTS = defaultdict(dict)  # group -> implementation -> (median seconds, peak extra bytes or None)
@@ -18,6 +20,37 @@ def record(benchmark, implementation, peak_bytes=None):
         benchmark.extra_info["peak_extra_MiB"] = round(peak_bytes / 2**20, 2)
     if benchmark.stats is not None:
         RESULTS[benchmark.group][implementation] = (benchmark.stats.stats.median, peak_bytes)
+
+
+def _paired_ratio(slower, faster, pairs):
+    """Median over `pairs` of time(slower step) / time(faster step), run alternately: on a
+    shared VM the machine's speed drifts between a group's rounds and the next group's."""
+    ratios = []
+    for _ in range(pairs):
+        times = []
+        for step in (slower, faster):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
+def record_paired(benchmark, bar, slower, faster, pairs):
+    """Store `bar`'s paired ratio: after one warm-up call each, the median over `pairs`
+    alternating calls of the steps `slower` and `faster` (one untimed pair when
+    benchmarks are disabled)."""
+    for step in (slower, faster):
+        step()
+    benchmark.group = f"paired: {bar}"
+    ratio = benchmark.pedantic(_paired_ratio, args=(slower, faster, 1 if benchmark.disabled else pairs), rounds=1)
+    if not benchmark.disabled:
+        VALUES[f"paired: {bar}"] = ratio
+
+
+def paired(bar):
+    """`bar`'s paired ratio (record_paired), None if it was not timed."""
+    return VALUES.get(f"paired: {bar}")
 
 
 def median(group, implementation):

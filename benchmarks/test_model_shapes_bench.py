@@ -16,7 +16,7 @@ from time import perf_counter
 import pytest
 import summary
 import torch
-from cases import MODEL_SIZES, make_inputs, paired_ratio, run_step, sdpa_diffuse, size_name
+from cases import MODEL_SIZES, make_inputs, run_step, sdpa_diffuse, size_name
 
 import fastnl
 from fastnl import backends
@@ -130,12 +130,7 @@ def test_bar_paired(benchmark, monkeypatch, bar):
     for implementation, dtype_name in PAIRED_BARS[bar]:
         inputs = make_inputs(BAR_SIZE, requires_grad=True, dtype=DTYPES[dtype_name])
         steps.append(lambda function=IMPLEMENTATIONS[implementation], inputs=inputs: run_step(function, inputs, True))
-    for step in steps:  # warm-up
-        step()
-    benchmark.group = f"paired: {bar}"
-    ratio = benchmark.pedantic(paired_ratio, args=(*steps, 1 if benchmark.disabled else PAIRS), rounds=1)
-    if not benchmark.disabled:
-        summary.VALUES[f"paired: {bar}"] = ratio
+    summary.record_paired(benchmark, bar, *steps, PAIRS)
 
 
 def _time(function, *args, **kwargs):
@@ -193,10 +188,9 @@ def _summary_lines():
         ("cpp native bf16 vs SDPA bf16", native_versus_sdpa_bf16, 4.0 if native_default else None),
     ]
     with_paired = []
-    for bar_name, value, bar in bars:
-        with_paired.append((f"{name}: {bar_name}", value, bar))
-        if f"paired: {bar_name}" in summary.VALUES:
-            with_paired.append((f"  paired, {PAIRS} alternating steps", summary.VALUES[f"paired: {bar_name}"], bar))
+    for bar_name, value, bar in bars:  # untimed rows (a bar not paired) are left out
+        with_paired += [(f"{name}: {bar_name}", value, bar),
+                        (f"  paired, {PAIRS} alternating steps", summary.paired(bar_name), bar)]
     lines += summary.bar_lines(with_paired)
     for size in MODEL_SIZES:
         if size is BAR_SIZE:

@@ -26,7 +26,6 @@ import pytest
 import summary
 import torch
 import torch.nn.functional as F
-from cases import paired_ratio
 
 import fastnl
 from fastnl.app.malloc import keep_freed_memory
@@ -157,13 +156,7 @@ BARS = {
 @pytest.mark.parametrize("bar", [name for name, entry in BARS.items() if entry[-1] is not None])
 def test_bar_paired(benchmark, bar):
     """The bar's two steps alternately (one pair, untimed, when benchmarks are disabled)."""
-    slower, faster = BARS[bar][-1]()
-    for step in (slower, faster):  # warm-up
-        step()
-    benchmark.group = f"paired: {bar}"
-    ratio = benchmark.pedantic(paired_ratio, args=(slower, faster, 1 if benchmark.disabled else PAIRS), rounds=1)
-    if not benchmark.disabled:
-        summary.VALUES[f"paired: {bar}"] = ratio
+    summary.record_paired(benchmark, bar, *BARS[bar][-1](), PAIRS)
 
 
 # step setting -> the precision of the stage group whose op calls run in it
@@ -189,7 +182,7 @@ def _bars():
     for name, (group, slower, faster, bar, paired) in BARS.items():
         bars.append((name, summary.ratio(group, slower, faster), bar))
         if paired is not None:
-            bars.append((f"  paired, {PAIRS} alternating steps", summary.VALUES.get(f"paired: {name}"), bar))
+            bars.append((f"  paired, {PAIRS} alternating steps", summary.paired(name), bar))
     lines = summary.bar_lines(bars, lower_is_better=True) + _floor_lines()
     for setting in SETTINGS:
         baseline = summary.median(_group(setting), "baseline")
