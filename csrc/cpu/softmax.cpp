@@ -98,15 +98,20 @@ inline void store_probabilities(const Vec<A>* p, A* at_logits, Op* at_pairs) {
   }
 }
 
+// The softmax scale as ShiftedExp applies it: 1 where the query came in scaled.
+template <bool SCALE, typename A>
+inline Vec<A> exp_scale(A scale) {
+  return Vec<A>(SCALE ? scale : A(1));
+}
+
 // The probabilities of rows j..j+G-1 (a row past `keys` is zero), lanes v * L:
-// exp(logit - shift), stored where p v reads them; returns them to be summed.
-template <bool SCALE, int64_t Q, typename Op, typename A, int64_t G = Product<Op>::kGroup>
-inline std::array<Vec<A>, G> probabilities(A* logits, Op* pairs, int64_t keys, int64_t j, int v, const Vec<A>& factor,
-                                           const Vec<A>& shift) {
+// exp(scaled logit - shift), stored where p v reads them; returns them to be summed.
+template <int64_t Q, typename Op, typename A, int64_t G = Product<Op>::kGroup>
+inline std::array<Vec<A>, G> probabilities(A* logits, Op* pairs, int64_t keys, int64_t j, int v,
+                                           const ShiftedExp<A>& exp) {
   constexpr int64_t L = Vec<A>::size();
   std::array<Vec<A>, G> p;
-  for (int64_t g = 0; g < G; ++g)
-    p[g] = j + g < keys ? fast_exp(load_logits<SCALE>(logits + (j + g) * Q + v * L, factor) - shift) : Vec<A>(A(0));
+  for (int64_t g = 0; g < G; ++g) p[g] = j + g < keys ? exp(Vec<A>::loadu(logits + (j + g) * Q + v * L)) : Vec<A>(A(0));
   store_probabilities(p.data(), logits + j * Q + v * L, pairs + j * Q + G * v * L);
   return p;
 }
@@ -121,6 +126,7 @@ void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* colu
   constexpr int64_t L = Vec<T>::size(), V = Q / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
   Vec<T> new_max[V], tile_sum[V];
+  std::array<ShiftedExp<T>, V> exps;
   for (int v = 0; v < V; ++v) new_max[v] = Vec<T>::loadu(column_max + v * L);
   for (int64_t j = 0; j < keys; ++j)
     for (int v = 0; v < V; ++v)
@@ -128,14 +134,14 @@ void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* colu
   for (int v = 0; v < V; ++v) {
     fast_exp(Vec<T>::loadu(column_max + v * L) - new_max[v]).store(correction + v * L);
     new_max[v].store(column_max + v * L);
+    exps[v] = ShiftedExp<T>(exp_scale<SCALE>(scale), new_max[v]);
     tile_sum[v] = Vec<T>(T(0));
   }
   // the tile's own sums, added to the running ones once: a column's sum is a few short
   // chains, not one of M terms (float32 error ~ M eps: 6x larger at M = 4096)
   for (int64_t j = 0; j < keys; j += G)
     for (int v = 0; v < V; ++v)
-      for (const Vec<T>& p : probabilities<SCALE, Q>(logits, pairs, keys, j, v, factor, new_max[v]))
-        tile_sum[v] = tile_sum[v] + p;
+      for (const Vec<T>& p : probabilities<Q>(logits, pairs, keys, j, v, exps[v])) tile_sum[v] = tile_sum[v] + p;
   for (int v = 0; v < V; ++v) {
     const Vec<T> running = Vec<T>::loadu(column_sum + v * L) * Vec<T>::loadu(correction + v * L);
     (running + tile_sum[v]).store(column_sum + v * L);
@@ -147,11 +153,11 @@ void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* colu
 template <bool SCALE, int64_t Q, typename Op, typename T>
 void known_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, const T* column_log_normalizer) {
   constexpr int64_t L = Vec<T>::size(), V = Q / L, G = Product<Op>::kGroup;
-  const Vec<T> factor(scale);
-  Vec<T> shift[V];
-  for (int v = 0; v < V; ++v) shift[v] = Vec<T>::loadu(column_log_normalizer + v * L);
+  std::array<ShiftedExp<T>, V> exps;
+  for (int v = 0; v < V; ++v)
+    exps[v] = ShiftedExp<T>(exp_scale<SCALE>(scale), Vec<T>::loadu(column_log_normalizer + v * L));
   for (int64_t j = 0; j < keys; j += G)
-    for (int v = 0; v < V; ++v) probabilities<SCALE, Q>(logits, pairs, keys, j, v, factor, shift[v]);
+    for (int v = 0; v < V; ++v) probabilities<Q>(logits, pairs, keys, j, v, exps[v]);
 }
 
 // known: log_normalizer holds the rows' log-sum-exp (one pass); else it receives it.
@@ -339,13 +345,15 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
             matmul_rows<T>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(),
                            columns, false);
           }
-          const Vec<A> factor(scale);
+          const Vec<A> exp_scale_v = exp_scale<kScale>(scale);
           const A* row_log_normalizer = log_normalizer + first + q0;
           const A* row_delta = delta.data() + q0;
-          // p = exp(logit - log_normalizer) and dS = p (dP - delta) at `at` of the tile, for
-          // the row whose log_normalizer and delta are `shift` and `row_delta_v`
-          const auto p_and_ds = [&](int64_t at, const Vec<A>& shift, const Vec<A>& row_delta_v) {
-            const Vec<A> p = fast_exp(load_logits<kScale>(probs.data() + at, factor) - shift);
+          // the exp(scaled logit - log_normalizer) of row r
+          const auto row_exp = [&](int64_t r) { return ShiftedExp<A>(exp_scale_v, Vec<A>(row_log_normalizer[r])); };
+          // p = exp(scaled logit - log_normalizer) and dS = p (dP - delta) at `at` of the
+          // tile, for the row whose exp and delta are `exp` and `row_delta_v`
+          const auto p_and_ds = [&](int64_t at, const ShiftedExp<A>& exp, const Vec<A>& row_delta_v) {
+            const Vec<A> p = exp(Vec<A>::loadu(probs.data() + at));
             return std::pair{p, p * (Vec<A>::loadu(grad_logits.data() + at) - row_delta_v)};
           };
           if constexpr (G > 1) {
@@ -355,14 +363,14 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
             for (int64_t r = 0; r < rows; r += 2) {
               const bool paired = r + 1 < rows;
               const int64_t partner = paired ? r + 1 : r;
-              const Vec<A> shift(row_log_normalizer[r]), partner_shift(row_log_normalizer[partner]);
+              const ShiftedExp<A> exp_r = row_exp(r), partner_exp = row_exp(partner);
               const Vec<A> delta_r(row_delta[r]), partner_delta(row_delta[partner]);
               for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
                 const int64_t at = r * columns + c, partner_at = partner * columns + c;
-                const auto [p, ds] = p_and_ds(at, shift, delta_r);
+                const auto [p, ds] = p_and_ds(at, exp_r, delta_r);
                 Vec<A> partner_p(A(0)), partner_ds(A(0));
                 if (paired) {
-                  std::tie(partner_p, partner_ds) = p_and_ds(partner_at, partner_shift, partner_delta);
+                  std::tie(partner_p, partner_ds) = p_and_ds(partner_at, partner_exp, partner_delta);
                   Product<T>::store_rounded(partner_ds, grad_logits_rounded.data() + partner_at);
                 }
                 Product<T>::store_pairs(p, partner_p, probs_groups.data() + r * columns + 2 * c);
@@ -378,9 +386,10 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                            grad_q.data() + q0 * grad_q_stride, padded_d, true);
           } else {
             for (int64_t r = 0; r < rows; ++r) {
-              const Vec<A> shift(row_log_normalizer[r]), delta_r(row_delta[r]);
+              const ShiftedExp<A> exp_r = row_exp(r);
+              const Vec<A> delta_r(row_delta[r]);
               for (int64_t c = 0; c < columns; c += Vec<A>::size()) {
-                const auto [p, ds] = p_and_ds(r * columns + c, shift, delta_r);
+                const auto [p, ds] = p_and_ds(r * columns + c, exp_r, delta_r);
                 p.store(probs.data() + r * columns + c);
                 ds.store(grad_logits.data() + r * columns + c);
               }

@@ -75,29 +75,28 @@ inline int64_t row_stride(int64_t width) {
   return (stride * static_cast<int64_t>(sizeof(T))) % 1024 == 0 ? stride + Vec<T>::size() : stride;
 }
 
-// e^x for the shifted logits of the softmax kernels (x <= ~0), the hot spot of the
+// 2^t for the shifted logits of the softmax kernels (t <= ~0), the hot spot of the
 // flash loops; float relative error ~1e-7, no overflow handling (PyTorch's exp_u20
 // spends a third of its instructions on it). NaN is carried through, so a NaN logit
 // or statistic makes its row NaN as in torch.softmax; the kernels rely on that.
-// AVX512: t = x log2(e) = floor(t) + f; vreduceps gives f in [0, 1) exactly in one
-// instruction, a degree-5 minimax polynomial gives 2^f, and scalef multiplies by
-// 2^floor(t) (0 for x = -inf): 9 vector instructions with the caller's shift.
-// Elsewhere: x = n ln2 + r with exp_u20's polynomial, x clamped at -87.3 so 2^n stays
-// a normal float (e^x below that is ~1e-38, not 0). double: the accurate exp.
+// AVX512: t = floor(t) + f; vreduceps gives f in [0, 1) exactly in one instruction, a
+// degree-5 minimax polynomial gives 2^f, and scalef multiplies by 2^floor(t) (0 for
+// t = -inf): 7 vector instructions. Elsewhere: t = n + f, |f| <= 1/2, with exp_u20's
+// polynomial in f ln2, t clamped at -126 so 2^n stays a normal float (2^t below that
+// is ~1e-38, not 0). double: the accurate exp2.
 template <typename T>
-inline Vec<T> fast_exp(const Vec<T>& x) {
+inline Vec<T> fast_exp2(const Vec<T>& t) {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
     const Vec<float> f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     Vec<float> poly(0.00187757664f);
     for (const float coefficient : {0.00898934047f, 0.0558263174f, 0.240153617f, 0.693153073f, 0.999999925f})
       poly = at::vec::fmadd(poly, f, Vec<float>(coefficient));
     return _mm512_scalef_ps(poly, t);
 #else
-    const Vec<float> input = at::vec::maximum(x, Vec<float>(-87.3f));  // keeps NaN
-    const Vec<float> n = (input * Vec<float>(1.44269504f)).round();
-    const Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693147181f), input);
+    const Vec<float> input = at::vec::maximum(t, Vec<float>(-126.0f));  // keeps NaN
+    const Vec<float> n = input.round();
+    const Vec<float> r = (input - n) * Vec<float>(0.693147181f);
     Vec<float> poly(0.00828929059f);
     for (const float coefficient : {0.0418978221f, 0.166676521f, 0.499991506f, 0.999999701f, 1.0f})
       poly = at::vec::fmadd(poly, r, Vec<float>(coefficient));
@@ -106,9 +105,34 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
     return poly * at::vec::cast<float>(two_to_n);
 #endif
   } else {
-    return x.exp();
+    return t.exp2();
   }
 }
+
+// log2(e) in T: e^x = 2^(x log2(e))
+template <typename T>
+constexpr T kLog2E = T(1.4426950408889634);
+
+// e^x (fast_exp2's accuracy).
+template <typename T>
+inline Vec<T> fast_exp(const Vec<T>& x) {
+  return fast_exp2(x * Vec<T>(kLog2E<T>));
+}
+
+// e^(a x - b) for the logits x of a row or lane with the softmax scale a and shift b
+// (its max or log-normalizer): a and b are taken to base 2 once, so each logit costs
+// one FMA before fast_exp2, as FlashAttention's softmax_scale_log2.
+template <typename T>
+class ShiftedExp {
+ public:
+  ShiftedExp() = default;
+  ShiftedExp(const Vec<T>& scale, const Vec<T>& shift)
+      : slope_(scale * Vec<T>(kLog2E<T>)), offset_(shift * Vec<T>(kLog2E<T>)) {}
+  Vec<T> operator()(const Vec<T>& logit) const { return fast_exp2(at::vec::fmsub(logit, slope_, offset_)); }
+
+ private:
+  Vec<T> slope_, offset_;
+};
 
 // Flush-to-zero and denormals-are-zero on this thread while in scope (x86; elsewhere
 // nothing). A trained affinity is sharp: many shifted logits fall below -87, where
