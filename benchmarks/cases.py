@@ -32,6 +32,14 @@ def size_name(size):
     return f"B{size['batch']}-N{size['positions']}-D{size['width']}-E{size['value_width']}"
 
 
+def work(size):
+    """(FLOPs, exps) of one diffuse softmax fwd+bwd at `size`: per (query, key) pair the
+    forward's q.k (D) and p v (E) and the backward's q.k, dp (E), dV (E), dK (D), dQ (D),
+    2 FLOPs a multiply-add; one exp in the forward and one in the backward's recomputed tile."""
+    pairs = size["batch"] * size["positions"] ** 2
+    return 2 * pairs * (4 * size["width"] + 3 * size["value_width"]), 2 * pairs
+
+
 def make_inputs(size, requires_grad, dtype=torch.float32):
     generator = torch.Generator().manual_seed(0)
     shapes = [

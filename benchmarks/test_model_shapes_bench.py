@@ -1,22 +1,25 @@
 """The model's three nonlocal shapes at the training batch B = 128: diffuse softmax
 fwd+bwd through fastnl.nonlocal_attend on the cpp backend in float32 and bfloat16,
 against SDPA in the same dtype and the reference in float32; a stage's chain of K blocks
-sharing statistics at N = 256; and the machine's float32 and bfloat16 product rates,
-measured in the same run, to explain the ratios.
+sharing statistics at N = 256; and the machine's float32 and bfloat16 product rates and
+the kernels' exp rate, measured in the same run, to explain the ratios.
 
     pytest benchmarks/test_model_shapes_bench.py --benchmark-only
 
 One group per problem and dtype, one row per implementation (cases.py's problems and
 SDPA peer). The summary prints the bars at N256 D16 E16, each also paired (the median
 ratio over PAIRS alternating steps of its two sides), and the same ratios, without bars,
-at the other two shapes; then fastnl's own FLOP rate beside torch.mm's.
+at the other two shapes; then each cpp kernel's time against its floor, the least time
+this machine allows it (its products at torch.mm's rate, its exps at the kernels' exp
+rate), and what the N256 bars ask of it: out of reach at this machine's rates where a
+bar asks for less than the floor.
 """
 from time import perf_counter
 
 import pytest
 import summary
 import torch
-from cases import MODEL_SIZES, make_inputs, run_step, sdpa_diffuse, size_name
+from cases import MODEL_SIZES, make_inputs, run_step, sdpa_diffuse, size_name, work
 
 import fastnl
 from fastnl import backends
@@ -139,9 +142,10 @@ def _time(function, *args, **kwargs):
     return perf_counter() - start
 
 
-def test_machine_product_rates(benchmark):
-    """FLOP/s of torch.mm (1024^3) in float32 and bfloat16 on this machine, now."""
-    benchmark.group = "machine: float32 and bfloat16 torch.mm rates"
+def test_machine_rates(benchmark):
+    """This machine's rates, now: FLOP/s of torch.mm (1024^3) in float32 and bfloat16, and
+    exps/s of the kernels' own exp on all threads (fastnl.backends.cpp.exp_rate per core)."""
+    benchmark.group = "machine: float32 and bfloat16 torch.mm rates, the kernels' exp rate"
     operands = {name: [torch.randn(1024, 1024, dtype=dtype) for _ in range(3)] for name, dtype in DTYPES.items()}
 
     def step():
@@ -153,13 +157,17 @@ def test_machine_product_rates(benchmark):
         seconds = min(_time(torch.mm, left, right, out=product) for _ in range(5))
         summary.VALUES[f"mm flop/s {name}"] = 2 * 1024**3 / seconds
         benchmark.extra_info[f"gflop_per_s_{name}"] = round(summary.VALUES[f"mm flop/s {name}"] / 1e9, 1)
+    summary.VALUES["kernel exp/s"] = cpp.exp_rate() * torch.get_num_threads()
+    benchmark.extra_info["kernel_gexp_per_s"] = round(summary.VALUES["kernel exp/s"] / 1e9, 2)
 
 
-def _flops(size):
-    """fwd+bwd products per problem: per (query, key) pair forward q.k (D) and p v (E),
-    backward q.k, dp (E), dV (E), dK (D), dQ (D); 2 FLOPs a multiply-add."""
-    pairs = size["batch"] * size["positions"] ** 2
-    return 2 * pairs * (4 * size["width"] + 3 * size["value_width"])
+def _floor(size, implementation):
+    """The least time this machine allows `implementation`'s fwd+bwd at `size`
+    (summary.floor_seconds at the rates of test_machine_rates; its products in bfloat16 on
+    "cpp native", else in float32), None before the rates are measured."""
+    precision = "bfloat16" if implementation == "cpp native" else "float32"
+    rates = summary.VALUES.get(f"mm flop/s {precision}"), summary.VALUES.get("kernel exp/s")
+    return None if None in rates else summary.floor_seconds(*work(size), *rates)
 
 
 def _ratios(size, bfloat16_cpp="cpp"):
@@ -208,17 +216,45 @@ def _summary_lines():
     rates = {dtype_name: summary.VALUES.get(f"mm flop/s {dtype_name}") for dtype_name in DTYPES}
     if None in rates.values():
         return lines
-    lines.append(f"torch.mm 1024^3 on this machine: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bfloat16 "
-                 f"{rates['bfloat16'] / 1e9:.0f} GFLOP/s (bf16 / float32 = {rates['bfloat16'] / rates['float32']:.2f})")
+    lines.append(f"this machine now: torch.mm 1024^3 at {rates['float32'] / 1e9:.0f} GFLOP/s in float32 and "
+                 f"{rates['bfloat16'] / 1e9:.0f} in bfloat16 ({rates['bfloat16'] / rates['float32']:.2f}x); the "
+                 f"kernels' exp at {summary.VALUES['kernel exp/s'] / 1e9:.1f} G/s on {torch.get_num_threads()} "
+                 f"threads. A kernel's floor: its products at torch.mm's rate in the precision they run in, "
+                 f"then its exps at the kernels' exp rate")
     for size in MODEL_SIZES:
+        flops, exps = work(size)
         achieved = []
         for dtype_name, implementation in [case for case in CASES if case[1].startswith("cpp")]:
             seconds = summary.median(_group(size, dtype_name), implementation)
             if seconds is not None:
-                rate = _flops(size) / seconds
-                achieved.append(f"{implementation} {dtype_name} {seconds * 1e3:.1f} ms = {rate / 1e9:.0f} GFLOP/s "
-                                f"({rate / rates[dtype_name]:.0%} of torch.mm's)")
+                floor = _floor(size, implementation)
+                achieved.append(f"{implementation} {dtype_name} {seconds * 1e3:.1f} ms = {flops / seconds / 1e9:.0f} "
+                                f"GFLOP/s, its floor {floor * 1e3:.1f} ms ({floor / seconds:.0%} of it)")
         if achieved:
-            lines.append(f"cpp at {size_name(size)}, {_flops(size) / 1e9:.1f} GFLOP of products: "
-                         + ", ".join(achieved))
+            lines.append(f"cpp at {size_name(size)}, {flops / 1e9:.1f} GFLOP of products and {exps / 1e6:.0f}M exps: "
+                         + "; ".join(achieved))
+    return lines + _reach_lines()
+
+
+def _reach_lines():
+    """What the N256 bars ask of cpp's fwd+bwd time, against its floor: out of reach at
+    this machine's rates where the bar asks for less than the floor."""
+    float32, bfloat16 = _group(BAR_SIZE, "float32"), _group(BAR_SIZE, "bfloat16")
+    asks = {
+        ("cpp", "float32"): [("SDPA float32 / 1.5", summary.median(float32, "sdpa"), 1.5)],
+        ("cpp native", "bfloat16"): [("cpp float32 / 1.5", summary.median(float32, "cpp"), 1.5),
+                                     ("SDPA bf16 / 4", summary.median(bfloat16, "sdpa"), 4.0)],
+    }
+    lines = []
+    for (implementation, dtype_name), peers in asks.items():
+        measured, floor = summary.median(_group(BAR_SIZE, dtype_name), implementation), _floor(BAR_SIZE, implementation)
+        if measured is None or floor is None or any(peer is None for _, peer, _ in peers):
+            continue
+        needed = min(peer / bar for _, peer, bar in peers)
+        terms = " and ".join(f"<= {name} = {peer / bar * 1e3:.1f} ms" for name, peer, bar in peers)
+        verdict = (f"out of reach at this machine's rates (the floor is {floor * 1e3:.1f} ms)" if needed < floor else
+                   f"reachable at this machine's rates: the bar asks for {floor / needed:.0%} of the floor's speed, "
+                   f"the kernel runs at {floor / measured:.0%}")
+        lines.append(f"{size_name(BAR_SIZE)} bars ask {implementation} {dtype_name} fwd+bwd {terms}: measured "
+                     f"{measured * 1e3:.1f} ms, {verdict}")
     return lines

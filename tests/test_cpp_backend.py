@@ -213,6 +213,15 @@ def test_the_dot_rate_is_measured_where_the_kernels_run():
     assert 0.05 < cpp.bfloat16_dot_speedup() < 20
 
 
+def test_the_exp_rate_is_a_core_s_rate(monkeypatch):
+    """The kernels' exps per second on one core: below 16 lanes at 10 GHz (a loop the
+    compiler had dropped would read far more), above 10^8; 0 without the kernels."""
+    rates = [cpp.exp_rate() for _ in range(2)]
+    assert all(1e8 < rate < 1.6e11 for rate in rates), rates
+    monkeypatch.setattr(cpp, "_build_failure", lambda: "no compiler")
+    assert cpp.exp_rate() == 0.0
+
+
 @native_only
 @pytest.mark.parametrize("shape", MODEL_SHAPES, ids=str)
 def test_bfloat16_model_shapes_per_output(shape):

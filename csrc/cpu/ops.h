@@ -49,6 +49,9 @@ bool bfloat16_amx();
 // The FLOP rate of vdpbf16ps over a float32 FMA's on this core, timed (0 where the
 // bfloat16 kernels are not built or not runnable): whether they pay without AMX.
 double bfloat16_dot_speedup();
+// Exponentials per second on one core of the softmax kernels' own exp (ShiftedExp),
+// timed in registers: the rate their exps can reach at best (instruction_rates.cpp).
+double exp_rate();
 
 // Shapes, dtype, device and contiguity of the operands (bfloat16 among the dtypes when
 // `bfloat16` is true); errors name the argument.

@@ -53,6 +53,7 @@ TORCH_LIBRARY(fastnl_cpp, m) {
   m.def("bfloat16_native() -> bool", &fastnl::bfloat16_native);  // no tensors: one kernel for every device
   m.def("bfloat16_amx() -> bool", &fastnl::bfloat16_amx);
   m.def("bfloat16_dot_speedup() -> float", &fastnl::bfloat16_dot_speedup);
+  m.def("exp_rate() -> float", &fastnl::exp_rate);
   m.def(
       "softmax_forward(Tensor query, Tensor key, Tensor value, Tensor? center, "
       "Tensor? log_normalizer, float scale) -> (Tensor, Tensor)");

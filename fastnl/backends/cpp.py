@@ -162,6 +162,13 @@ def bfloat16_dot_speedup():
     return float(torch.ops.fastnl_cpp.bfloat16_dot_speedup()) if _bfloat16_kernels() else 0.0
 
 
+def exp_rate():
+    """Exponentials per second on one core of the softmax kernels' own exp, timed in
+    registers (~1 ms): the rate their exps reach at best, for the benchmarks' floors;
+    0 where the kernels are not built."""
+    return float(torch.ops.fastnl_cpp.exp_rate()) if _build_failure() is None else 0.0
+
+
 def _bfloat16_native():
     """Whether the softmax kernels take bfloat16 operands (chosen, built and runnable)."""
     choice = os.environ.get(BFLOAT16_CHOICE)
