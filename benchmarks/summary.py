@@ -73,13 +73,6 @@ def bar_lines(bars, lower_is_better=False):
                     for name, value, bar in bars if value is not None]
 
 
-def floor_seconds(flops, exps, flop_rate, exp_rate):
-    """The least time this machine allows a kernel: its products at `flop_rate` (torch.mm's,
-    measured in the same run) and its exps at `exp_rate` (the kernels' own exp, timed in
-    registers: fastnl.backends.cpp.exp_rate), one after the other as the kernels run them."""
-    return flops / flop_rate + exps / exp_rate
-
-
 def section(title):
     """Decorator: a function returning lines printed under `title` after the group tables."""
 

@@ -6,17 +6,15 @@ attention (issue 3). One group per problem, one row per implementation:
 The problems and the SDPA peer come from cases.py; test_diffuse_bench.py times every
 backend, cpp included, at all three paper sizes. This file adds what is particular
 to the cpp kernels: a stage's chain sharing statistics, the dot kernel at N = 16384,
-peak memory of one step (conftest.peak_extra_bytes), and the machine's sgemm rate and
-the kernels' exp rate.
+peak memory of one step (conftest.peak_extra_bytes), and the machine's rates (machine.py).
 
 After the timings a summary prints the ratios against the speed bars (cpp vs
 reference and vs SDPA, the stage chain, peak extra memory, the dot kernel at
-N = 16384) and the fused kernel's time against its floor: its FLOPs at the sgemm rate and
-its exps at the kernels' exp rate.
+N = 16384) and the fused kernel's time against its floor at the machine's rates.
 All float32, fastnl's default scale 1; SDPA is given the same scale.
 """
-from time import perf_counter
 
+import machine
 import pytest
 import summary
 import torch
@@ -25,7 +23,6 @@ from conftest import peak_extra_bytes
 
 import fastnl
 from fastnl import backends
-from fastnl.backends import cpp
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
@@ -113,27 +110,10 @@ def test_peak_memory(benchmark, record, implementation):
     summary.VALUES[f"peak bytes {implementation}"] = peak
 
 
-def test_machine_throughput(benchmark):
-    """sgemm FLOP/s of this machine and exps/s of the kernels' own exp on all threads
-    (fastnl.backends.cpp.exp_rate per core), for the fused kernel's floor."""
-    benchmark.group = "machine: sgemm and the kernels' exp throughput"
-    left, right, product = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
-
-    def step():
-        torch.mm(left, right, out=product)
-
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
-    gemm_seconds = min(_time(lambda: torch.mm(left, right, out=product)) for _ in range(5))
-    summary.VALUES["exp/s"] = cpp.exp_rate() * torch.get_num_threads()
-    summary.VALUES["flop/s"] = 2 * 1024**3 / gemm_seconds
-    benchmark.extra_info.update(gexp_per_s=round(summary.VALUES["exp/s"] / 1e9, 2),
-                                gflop_per_s=round(summary.VALUES["flop/s"] / 1e9, 1))
-
-
-def _time(function):
-    start = perf_counter()
-    function()
-    return perf_counter() - start
+def test_machine_rates(benchmark):
+    """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
+    benchmark.group = "machine: torch.mm rates, the kernels' exp rate"
+    summary.VALUES.update(benchmark.pedantic(machine.measure, rounds=1))
 
 
 @summary.section("fastnl cpp backend: the speed bars (medians from the groups above)")
@@ -158,11 +138,9 @@ def _summary_lines():
         lines.append(f"peak extra memory: cpp {peaks[0] / 2**20:.1f} MiB, reference {peaks[1] / 2**20:.1f} MiB "
                      f"= {100 * peaks[0] / peaks[1]:.1f}% (needed <= 5%)")
     measured = summary.median(main, "cpp")
-    if "exp/s" in summary.VALUES and measured is not None:
-        flops, exps = work(BAR_SIZE)
-        floor = summary.floor_seconds(flops, exps, summary.VALUES["flop/s"], summary.VALUES["exp/s"])
-        lines.append(f"cpp fwd+bwd against its floor at this machine's rates: {exps / 1e6:.0f}M exps at the kernels' "
-                     f"{summary.VALUES['exp/s'] / 1e9:.1f} G/s and {flops / 1e9:.2f} GFLOP at sgemm's "
-                     f"{summary.VALUES['flop/s'] / 1e9:.0f} GFLOP/s = {floor * 1e3:.2f} ms; measured "
-                     f"{measured * 1e3:.2f} ms, {floor / measured:.0%} of the floor's speed")
+    if "kernel exp/s" in summary.VALUES and measured is not None:
+        floor = machine.floor_seconds(*work(BAR_SIZE), "float32", summary.VALUES)
+        lines += [machine.describe(summary.VALUES),
+                  f"cpp fwd+bwd {measured * 1e3:.2f} ms against its floor {floor * 1e3:.2f} ms: "
+                  f"{floor / measured:.0%} of the floor's speed"]
     return lines

@@ -14,8 +14,8 @@ this machine allows it (its products at torch.mm's rate, its exps at the kernels
 rate), and what the N256 bars ask of it: out of reach at this machine's rates where a
 bar asks for less than the floor.
 """
-from time import perf_counter
 
+import machine
 import pytest
 import summary
 import torch
@@ -136,38 +136,20 @@ def test_bar_paired(benchmark, monkeypatch, bar):
     summary.record_paired(benchmark, bar, *steps, PAIRS)
 
 
-def _time(function, *args, **kwargs):
-    start = perf_counter()
-    function(*args, **kwargs)
-    return perf_counter() - start
-
 
 def test_machine_rates(benchmark):
-    """This machine's rates, now: FLOP/s of torch.mm (1024^3) in float32 and bfloat16, and
-    exps/s of the kernels' own exp on all threads (fastnl.backends.cpp.exp_rate per core)."""
+    """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
     benchmark.group = "machine: float32 and bfloat16 torch.mm rates, the kernels' exp rate"
-    operands = {name: [torch.randn(1024, 1024, dtype=dtype) for _ in range(3)] for name, dtype in DTYPES.items()}
-
-    def step():
-        for left, right, product in operands.values():
-            torch.mm(left, right, out=product)
-
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    for name, (left, right, product) in operands.items():
-        seconds = min(_time(torch.mm, left, right, out=product) for _ in range(5))
-        summary.VALUES[f"mm flop/s {name}"] = 2 * 1024**3 / seconds
-        benchmark.extra_info[f"gflop_per_s_{name}"] = round(summary.VALUES[f"mm flop/s {name}"] / 1e9, 1)
-    summary.VALUES["kernel exp/s"] = cpp.exp_rate() * torch.get_num_threads()
-    benchmark.extra_info["kernel_gexp_per_s"] = round(summary.VALUES["kernel exp/s"] / 1e9, 2)
+    summary.VALUES.update(benchmark.pedantic(machine.measure, rounds=1))
 
 
 def _floor(size, implementation):
-    """The least time this machine allows `implementation`'s fwd+bwd at `size`
-    (summary.floor_seconds at the rates of test_machine_rates; its products in bfloat16 on
-    "cpp native", else in float32), None before the rates are measured."""
+    """The least time this machine allows `implementation`'s fwd+bwd at `size` (its
+    products in bfloat16 on "cpp native", else in float32), None before the rates are measured."""
+    if "kernel exp/s" not in summary.VALUES:
+        return None
     precision = "bfloat16" if implementation == "cpp native" else "float32"
-    rates = summary.VALUES.get(f"mm flop/s {precision}"), summary.VALUES.get("kernel exp/s")
-    return None if None in rates else summary.floor_seconds(*work(size), *rates)
+    return machine.floor_seconds(*work(size), precision, summary.VALUES)
 
 
 def _ratios(size, bfloat16_cpp="cpp"):
@@ -213,14 +195,9 @@ def _summary_lines():
         if None not in cells:
             lines.append(f"stage chain of {blocks} at {size_name(STAGE_SIZE)} (no bar): cpp vs SDPA "
                          f"float32 {cells[0]:.2f}, bf16 {cells[1]:.2f}")
-    rates = {dtype_name: summary.VALUES.get(f"mm flop/s {dtype_name}") for dtype_name in DTYPES}
-    if None in rates.values():
+    if "kernel exp/s" not in summary.VALUES:
         return lines
-    lines.append(f"this machine now: torch.mm 1024^3 at {rates['float32'] / 1e9:.0f} GFLOP/s in float32 and "
-                 f"{rates['bfloat16'] / 1e9:.0f} in bfloat16 ({rates['bfloat16'] / rates['float32']:.2f}x); the "
-                 f"kernels' exp at {summary.VALUES['kernel exp/s'] / 1e9:.1f} G/s on {torch.get_num_threads()} "
-                 f"threads. A kernel's floor: its products at torch.mm's rate in the precision they run in, "
-                 f"then its exps at the kernels' exp rate")
+    lines.append(machine.describe(summary.VALUES))
     for size in MODEL_SIZES:
         flops, exps = work(size)
         achieved = []

@@ -13,7 +13,10 @@ ratios against the training-speed bars, each twice: as the ratio of the two grou
 medians, and paired: the median over PAIRS alternating steps of one against the other,
 which a machine whose speed drifts between the groups (a shared VM) moves far less.
 Then the floor under the step ratio: the baseline's step plus the stage's op calls, the
-ratio a module costing nothing besides its nonlocal sums would reach.
+ratio a module costing nothing besides its nonlocal sums would reach; and the ratio with
+the stage's products and exps (nonlocal sums and 1x1 projections) at their floor at this
+machine's rates (machine.py), measured in the same run: a bar below that is out of reach
+on this machine.
 
 The process runs as `python -m fastnl.train` runs on CPU, with glibc keeping freed
 memory (fastnl.app.malloc, set when this module's first test runs; it cannot be undone,
@@ -22,13 +25,16 @@ and this file's tests run last). `FASTNL_BENCH_MALLOC=unchanged` leaves malloc a
 import contextlib
 import os
 
+import machine
 import pytest
 import summary
 import torch
 import torch.nn.functional as F
+from cases import work
 
 import fastnl
 from fastnl.app.malloc import keep_freed_memory
+from fastnl.backends import cpp
 from fastnl.models import build_model
 
 BATCH = 128
@@ -159,13 +165,39 @@ def test_bar_paired(benchmark, bar):
     summary.record_paired(benchmark, bar, *BARS[bar][-1](), PAIRS)
 
 
+def test_machine_rates(benchmark):
+    """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
+    benchmark.group = "machine: torch.mm rates, the kernels' exp rate"
+    summary.VALUES.update(benchmark.pedantic(machine.measure, rounds=1))
+
+
 # step setting -> the precision of the stage group whose op calls run in it
 FLOOR_PRECISION = {"float32 channels_last": "float32", "bf16 channels_last": "bf16"}
 
 
+def _stage_floor(precision):
+    """The least time this machine allows the stage's products and exps in a training step
+    (machine.floor_seconds): its STAGE_BLOCKS nonlocal sums fwd+bwd, computed in bf16 where
+    the kernels take bf16 natively, and its 1x1 projections (theta and phi once, g and W_z
+    a block; forward, input and weight gradients) in the step's precision. BatchNorm and
+    the residuals, memory passes, count nothing. None before the rates are measured."""
+    if "kernel exp/s" not in summary.VALUES:
+        return None
+    native = precision == "bf16" and cpp.bfloat16_path() in ("amx", "avx512-bf16")
+    width, rows = STAGE_CHANNELS // 2, BATCH * STAGE_SIDE**2  # C' = C // 2
+    flops, exps = work(dict(batch=BATCH, positions=STAGE_SIDE**2, width=width, value_width=width))
+    sums = STAGE_BLOCKS * machine.floor_seconds(flops, exps, "bfloat16" if native else "float32", summary.VALUES)
+    projections = 3 * 2 * rows * STAGE_CHANNELS * width * (2 + 2 * STAGE_BLOCKS)  # 3 GEMMs a linear
+    return sums + machine.floor_seconds(projections, 0, "bfloat16" if precision == "bf16" else "float32",
+                                        summary.VALUES)
+
+
 def _floor_lines():
     """The lowest proposed-3 / baseline step ratio today's kernels allow: a stage that
-    cost nothing but its op calls would add exactly them to the baseline's step."""
+    cost nothing but its op calls would add exactly them to the baseline's step; and the
+    lowest this machine allows: the stage's products and exps at their floor
+    (_stage_floor). A bar below the second is out of reach on this machine, whatever the
+    kernels and the module."""
     lines = []
     for setting, precision in FLOOR_PRECISION.items():
         baseline = summary.median(_group(setting), "baseline")
@@ -173,6 +205,13 @@ def _floor_lines():
         if None not in (baseline, op_calls):
             lines.append(f"proposed-3 / baseline floor, {setting}: (baseline {baseline * 1e3:.0f} ms + the stage's "
                          f"op calls alone {op_calls * 1e3:.0f} ms) / baseline = {1 + op_calls / baseline:.2f}")
+        floor, bar = _stage_floor(precision), BARS[f"proposed-3 / baseline step, {setting}"][3]
+        if None not in (baseline, floor):
+            verdict = "out of reach on this machine" if 1 + floor / baseline > bar else "within this machine's rates"
+            lines.append(f"  at this machine's rates: (baseline + the stage's products and exps at their floor "
+                         f"{floor * 1e3:.1f} ms) / baseline = {1 + floor / baseline:.3f}, bar {bar:.2f}: {verdict}")
+    if "kernel exp/s" in summary.VALUES:
+        lines.append(machine.describe(summary.VALUES))
     return lines
 
 
