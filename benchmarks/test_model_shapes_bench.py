@@ -136,7 +136,6 @@ def test_bar_paired(benchmark, monkeypatch, bar):
     summary.record_paired(benchmark, bar, *steps, PAIRS)
 
 
-
 def test_machine_rates(benchmark):
     """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
     benchmark.group = "machine: float32 and bfloat16 torch.mm rates, the kernels' exp rate"
