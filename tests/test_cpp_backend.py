@@ -241,7 +241,7 @@ def test_bfloat16_model_shapes_per_output(shape):
 def test_bfloat16_odd_sizes(shape):
     """N, M off the tiles and odd; odd D and E leave a contraction's last pair half empty
     (on AMX they take vdpbf16ps); even D, E narrower than a vector pad the products;
-    B = 16 has one query group a batch, past a 128-row and a 256-key AMX tile."""
+    B = 16 has one query group a batch, past a 128-row and a 256-key bf16 tile."""
     inputs = make_inputs(shape, torch.bfloat16)
     assert_matches_reference(backend_results("softmax", "diffuse", "cpp", *inputs, 0.7), "softmax", "diffuse",
                              *inputs, 0.7)

@@ -43,15 +43,19 @@ constexpr int64_t kForwardQueryTile = 64;
 constexpr int64_t kForwardKeyTile = 128;
 constexpr int64_t kBackwardQueryTile = 32;
 constexpr int64_t kBackwardKeyTile = 128;
-// with AMX products: larger tiles, so that each brgemm call (a few hundred ns of fixed
-// cost, and a tile configuration at every change of shape) carries more work. bf16 at
+// bf16 products, on AMX or vdpbf16ps: larger tiles. Each brgemm call on AMX has a few
+// hundred ns of fixed cost and a tile configuration at every change of shape; bf16 at
 // B=128, N=256, D=16, E=16, backward: 4.5 ms at 32 x 256, 4.3 at 64 x 256, 3.95 at
 // 128 x 256 and 256 x 256; forward: 2.3 ms at 64 x 128, 2.1-2.3 at 64 x 256, 2.0-2.1 at
-// 128 x 256 (N = 1024, D = 8: 27.6 -> 25.0 ms).
-constexpr int64_t kAmxForwardQueryTile = 128;
-constexpr int64_t kAmxForwardKeyTile = 256;
-constexpr int64_t kAmxBackwardQueryTile = 128;
-constexpr int64_t kAmxBackwardKeyTile = 256;
+// 128 x 256 (N = 1024, D = 8: 27.6 -> 25.0 ms; Sapphire Rapids). On vdpbf16ps the
+// backward's dV^T, dK^T contract over the query tile, its dQ over the key tile: deeper
+// contractions load and store their accumulators less often. The backward on a Zen 4
+// without AMX, 128 x 256 against 32 x 128 (paired): 1.13x at N=256, D=16; 1.12x at
+// N=1024, D=8; 1.08x at N=64, D=32.
+constexpr int64_t kBfloat16ForwardQueryTile = 128;
+constexpr int64_t kBfloat16ForwardKeyTile = 256;
+constexpr int64_t kBfloat16BackwardQueryTile = 128;
+constexpr int64_t kBfloat16BackwardKeyTile = 256;
 constexpr int64_t kMinWorkItems = 16;  // backward: groups per batch = ceil(16 / B)
 
 // Calls fn with D as a compile-time constant for the small widths, 0 (runtime) otherwise.
@@ -170,7 +174,7 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
   const bool amx = amx_products<T>(D, E);
-  const int64_t tile_keys = amx ? kAmxForwardKeyTile : kForwardKeyTile;
+  const int64_t tile_keys = G > 1 ? kBfloat16ForwardKeyTile : kForwardKeyTile;
   const int64_t query_tiles = (N + Q - 1) / Q, key_tile = std::min(tile_keys, M);
   // p v contracts over the keys: bf16 reads V^T, (E, M) a batch (a copy, once)
   const int64_t value_columns = round_up(M, G);
@@ -263,8 +267,8 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
   const int64_t key_stride = row_stride<A>(M), padded_d = padded<A>(D);
   const bool amx = amx_products<T>(D, E);
-  const int64_t tile_queries = amx ? kAmxBackwardQueryTile : kBackwardQueryTile;
-  const int64_t tile_keys = amx ? kAmxBackwardKeyTile : kBackwardKeyTile;
+  const int64_t tile_queries = G > 1 ? kBfloat16BackwardQueryTile : kBackwardQueryTile;
+  const int64_t tile_keys = G > 1 ? kBfloat16BackwardKeyTile : kBackwardKeyTile;
   const int64_t tile_columns = padded<A>(std::min(tile_keys, M));
   const int64_t query_tiles = (N + tile_queries - 1) / tile_queries;
   const int64_t wanted_groups = std::max<int64_t>(1, (kMinWorkItems + s.batch - 1) / std::max<int64_t>(1, s.batch));
@@ -465,9 +469,9 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
             center ? center->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
             log_normalizer_out.data_ptr<A>(), known, static_cast<A>(scale));
       };
-      // AMX: the wider query tile where the queries fill it (N = 64 measured slower at 128)
-      if (amx_products<scalar_t>(shape.width_qk, shape.width_v) && N >= kAmxForwardQueryTile) {
-        run(std::integral_constant<int64_t, kAmxForwardQueryTile>{});
+      // bf16: the wider query tile where the queries fill it (N = 64 measured slower at 128)
+      if (Product<scalar_t>::kGroup > 1 && N >= kBfloat16ForwardQueryTile) {
+        run(std::integral_constant<int64_t, kBfloat16ForwardQueryTile>{});
       } else {
         run(std::integral_constant<int64_t, kForwardQueryTile>{});
       }
