@@ -17,9 +17,9 @@
 // The operands are float32, float64 or, built with AVX512-BF16, bfloat16: tile_math.h's
 // Product says how the products read them; logits, P, dS, statistics and accumulators
 // are then float32, P and dS rounded to bf16 only as the next product's operand. A
-// bf16 product reads its A operand row-major (matmul_rows: AMX tiles or vdpbf16ps), so
-// the operands a product contracts over their rows (V, dO, Q) are transposed once, where
-// float products read them in place through strides.
+// bf16 product reads its A operand in pairs of k, so the operands a product contracts
+// over their rows (V, dO, Q) are packed once (pack_contracted_rows), where float
+// products read them in place through strides.
 #include "ops.h"
 #include "tile_math.h"
 
@@ -176,13 +176,14 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   const bool amx = amx_products<T>(D, E);
   const int64_t tile_keys = G > 1 ? kBfloat16ForwardKeyTile : kForwardKeyTile;
   const int64_t query_tiles = (N + Q - 1) / Q, key_tile = std::min(tile_keys, M);
-  // p v contracts over the keys: bf16 reads V^T, (E, M) a batch (a copy, once)
+  // p v contracts over the keys: bf16 reads V^T packed (pack_contracted_rows), once a batch
   const int64_t value_columns = round_up(M, G);
   Buffer<T> value_t(G > 1 ? s.batch * E * value_columns : 0);
+  const Strides value_strides = contracted_rows_strides<T>(amx, E, value_columns);
   if (G > 1)
     at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        transpose_rows(value + b * M * E, M, E, value_t.data() + b * E * value_columns, value_columns);
+        pack_contracted_rows(amx, value + b * M * E, M, E, value_t.data() + b * E * value_columns, value_columns);
     });
   at::parallel_for(0, s.batch * query_tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
@@ -211,7 +212,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       }
       for (int64_t k0 = 0; k0 < M; k0 += tile_keys) {
         const int64_t keys = std::min(tile_keys, M - k0);
-        matmul_rows<T, DEPTH>(amx, keys, Q, D, key + (b * M + k0) * D, D, query_t.data(), Q, logits.data(), Q, false);
+        matmul_rows<T, DEPTH>(amx, keys, Q, D, key + (b * M + k0) * D, D, G, query_t.data(), Q, logits.data(), Q,
+                              false);
         if (known) {
           known_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, scale, column_log_normalizer.data());
         } else {
@@ -225,8 +227,8 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
             }
         }
         if constexpr (G > 1) {
-          matmul_rows<T>(amx, E, Q, keys, value_t.data() + b * E * value_columns + k0, value_columns, probs.data(), Q,
-                         acc.data(), Q, true);
+          matmul_rows<T>(amx, E, Q, keys, value_t.data() + b * E * value_columns + k0 / G * value_strides.col,
+                         value_strides.row, value_strides.col, probs.data(), Q, acc.data(), Q, true);
         } else {
           matmul_tile<T>(E, Q, keys, value + (b * M + k0) * E, 1, E, logits.data(), Q, acc.data(), Q, true);
         }
@@ -282,6 +284,9 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
   // its end, from its own dK^T, dV^T still in cache; else each group's go to its slot of
   // partial (B, groups, D + E, M padded), summed afterwards in group order
   const bool own_keys = groups == 1;
+  // bf16: the A operands Q^T, dO^T of dK^T += Q^T dS, dV^T += dO^T P (floats read Q, dO in place)
+  const Strides query_strides = contracted_rows_strides<T>(amx, D, group_rows);
+  const Strides grad_out_strides = contracted_rows_strides<T>(amx, E, group_rows);
   Buffer<A> partial(own_keys ? 0 : s.batch * groups * (D + E) * key_stride);
 
   at::parallel_for(0, s.batch * groups, 1, [&](int64_t begin, int64_t end) {
@@ -310,8 +315,8 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
         group_query = scaled_query.data();
       }
       if constexpr (G > 1) {
-        transpose_rows(group_query, rows_in_group, D, query_t.data(), group_rows);
-        transpose_rows(grad_out + first * E, rows_in_group, E, grad_out_t.data(), group_rows);
+        pack_contracted_rows(amx, group_query, rows_in_group, D, query_t.data(), group_rows);
+        pack_contracted_rows(amx, grad_out + first * E, rows_in_group, E, grad_out_t.data(), group_rows);
       }
       // delta_i = sum_j p_ij dp_ij = dO_i . aggregate_i (FlashAttention-2's preprocessing),
       // on float copies of the rows, in vectors along e
@@ -339,14 +344,14 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
           const int64_t rows = std::min(tile_queries, rows_in_group - q0);
           const T* query_tile = group_query + q0 * D;
           const T* grad_out_tile = grad_out + (first + q0) * E;
-          matmul_rows<T, DEPTH>(amx, rows, columns, D, query_tile, D, key_t.data(), columns, probs.data(), columns,
+          matmul_rows<T, DEPTH>(amx, rows, columns, D, query_tile, D, G, key_t.data(), columns, probs.data(), columns,
                                 false);
           mask_padding(probs.data(), rows, keys, columns);
           if (E == DEPTH) {  // the models' E = D: dP at a compile-time depth too
-            matmul_rows<T, DEPTH>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(),
-                                  columns, false);
+            matmul_rows<T, DEPTH>(amx, rows, columns, E, grad_out_tile, E, G, value_t.data(), columns,
+                                  grad_logits.data(), columns, false);
           } else {
-            matmul_rows<T>(amx, rows, columns, E, grad_out_tile, E, value_t.data(), columns, grad_logits.data(),
+            matmul_rows<T>(amx, rows, columns, E, grad_out_tile, E, G, value_t.data(), columns, grad_logits.data(),
                            columns, false);
           }
           const Vec<A> exp_scale_v = exp_scale<kScale>(scale);
@@ -382,11 +387,12 @@ void backward_kernel(const Shape& s, const T* grad_out, const T* query, const T*
                 Product<T>::store_rounded(ds, grad_logits_rounded.data() + at);
               }
             }
-            matmul_rows<T>(amx, E, columns, rows, grad_out_t.data() + q0, group_rows, probs_groups.data(), columns,
-                           grad_value_t + k0, key_stride, true);
-            matmul_rows<T>(amx, D, columns, rows, query_t.data() + q0, group_rows, grad_logits_groups.data(), columns,
-                           grad_key_t + k0, key_stride, true);
-            matmul_rows<T>(amx, rows, padded_d, keys, grad_logits_rounded.data(), columns, key_rows.data(), padded_d,
+            matmul_rows<T>(amx, E, columns, rows, grad_out_t.data() + q0 / G * grad_out_strides.col,
+                           grad_out_strides.row, grad_out_strides.col, probs_groups.data(), columns, grad_value_t + k0,
+                           key_stride, true);
+            matmul_rows<T>(amx, D, columns, rows, query_t.data() + q0 / G * query_strides.col, query_strides.row,
+                           query_strides.col, grad_logits_groups.data(), columns, grad_key_t + k0, key_stride, true);
+            matmul_rows<T>(amx, rows, padded_d, keys, grad_logits_rounded.data(), columns, G, key_rows.data(), padded_d,
                            grad_q.data() + q0 * grad_q_stride, padded_d, true);
           } else {
             for (int64_t r = 0; r < rows; ++r) {
