@@ -112,8 +112,7 @@ def test_peak_memory(benchmark, record, implementation):
 
 def test_machine_rates(benchmark):
     """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
-    benchmark.group = "machine: torch.mm rates, the kernels' exp rate"
-    summary.VALUES.update(benchmark.pedantic(machine.measure, rounds=1))
+    machine.record(benchmark)
 
 
 @summary.section("fastnl cpp backend: the speed bars (medians from the groups above)")

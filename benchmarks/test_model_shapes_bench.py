@@ -138,8 +138,7 @@ def test_bar_paired(benchmark, monkeypatch, bar):
 
 def test_machine_rates(benchmark):
     """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
-    benchmark.group = "machine: float32 and bfloat16 torch.mm rates, the kernels' exp rate"
-    summary.VALUES.update(benchmark.pedantic(machine.measure, rounds=1))
+    machine.record(benchmark)
 
 
 def _floor(size, implementation):

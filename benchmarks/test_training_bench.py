@@ -167,8 +167,7 @@ def test_bar_paired(benchmark, bar):
 
 def test_machine_rates(benchmark):
     """This machine's torch.mm rates and the kernels' exp rate, now (machine.measure)."""
-    benchmark.group = "machine: torch.mm rates, the kernels' exp rate"
-    summary.VALUES.update(benchmark.pedantic(machine.measure, rounds=1))
+    machine.record(benchmark)
 
 
 # step setting -> the precision of the stage group whose op calls run in it
