@@ -1,15 +1,25 @@
-"""BatchNorm on position rows, fused with the residual it is added to, for the modules'
-W_z branch on the CPU: z + BN(W_z y) over rows (B, N, C), one C++ operator each way
-(csrc/cpu/batch_norm.cpp). At the model's (128, 256, 32), fwd+bwd: float32 1.33 ms
-against 2.53 for ATen's channels-last BatchNorm and the add, bf16 0.97 against 1.64
-(benchmarks/test_training_bench.py times the whole stage).
+"""The modules' W_z branch in training on CPU rows: residual + BatchNorm(y W^T + b), the
+BatchNorm with batch statistics, computed without ever storing the projection u = y W^T + b.
 
-It computes what `nn.BatchNorm*` computes in training (batch statistics; the running
-statistics and `num_batches_tracked` updated as `F.batch_norm` updates them, momentum
-None meaning the cumulative average) and returns the residual's gradient as it came.
+u's channel means are W mean(y) + b and its variances diag(W Cov(y) W^T), so the
+statistics come from y's own moments (one pass over the narrow y: E = C' columns
+against C), and the normalised result is one more projection of y with the BatchNorm
+folded into its weight: out = residual + y (s W)^T + t, s = gamma / std, t = beta -
+s W mean(y). The backward's sums over rows are grad^T y, and the gradient of y is again
+a projection: grad (s W) + y M + c. Two passes over the narrow rows each way, in one
+C++ operator each (csrc/cpu/batch_norm.cpp), where the projection and nn.BatchNorm
+write u and pass over it twice more. Sums and statistics are float32 (float64 for float64 rows),
+with the projections in float32 too, so bfloat16 rows lose no more than their own
+rounding. y is centred on its first row before its products are summed, so a mean far
+from zero costs no digits (E[y y^T] - mean mean^T would lose them all).
+
+It computes what the 1x1 convolution and `nn.BatchNorm*` compute in training (batch
+statistics; the running statistics and `num_batches_tracked` updated as `F.batch_norm`
+updates them, momentum None meaning the cumulative average); the bias b, which
+BatchNorm subtracts again, gets a zero gradient, as it does there up to rounding.
 `applies` says when it runs; everything else (eval with running statistics, a subclass
 such as --sync-bn's, no affine parameters, another device, no cpp build) is left to the
-module's own BatchNorm.
+module's own convolution and BatchNorm.
 """
 from typing import Optional
 
@@ -20,41 +30,49 @@ from fastnl import backends
 from fastnl.backends import accumulate_dtype
 
 
-@torch.library.custom_op("fastnl::batch_norm_rows", mutates_args=())
-def _forward(rows: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
-             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(residual +) BatchNorm of rows (R, C) with batch statistics -> (out, mean, biased var, invstd)."""
-    return tuple(torch.ops.fastnl_cpp.batch_norm_rows_forward(rows, weight, bias, residual, eps))
+@torch.library.custom_op("fastnl::projected_batch_norm", mutates_args=())
+def _forward(rows: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
+             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """residual + BatchNorm(rows weight^T + bias) -> (out, u's mean and biased variance,
+    the rows' mean less their first row, their covariance, invstd)."""
+    return tuple(torch.ops.fastnl_cpp.projected_batch_norm_forward(rows, residual, weight, bias, gamma, beta, eps))
 
 
 @_forward.register_fake
-def _(rows, weight, bias, residual, eps):
-    return rows.new_empty(rows.shape), *(weight.new_empty(weight.shape) for _ in range(3))
+def _(rows, residual, weight, bias, gamma, beta, eps):
+    channels, width = weight.shape
+    return (rows.new_empty(rows.shape[0], channels), *(weight.new_empty(channels) for _ in range(2)),
+            weight.new_empty(width), weight.new_empty(width, width), weight.new_empty(channels))
 
 
-@torch.library.custom_op("fastnl::batch_norm_rows_backward", mutates_args=())
-def _backward(grad_out: Tensor, rows: Tensor, weight: Tensor, mean: Tensor,
-              invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.ops.fastnl_cpp.batch_norm_rows_backward(grad_out, rows, weight, mean, invstd))
+@torch.library.custom_op("fastnl::projected_batch_norm_backward", mutates_args=())
+def _backward(grad_out: Tensor, rows: Tensor, weight: Tensor, gamma: Tensor, offset: Tensor, covariance: Tensor,
+              invstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(torch.ops.fastnl_cpp.projected_batch_norm_backward(grad_out, rows, weight, gamma, offset, covariance,
+                                                                    invstd))
 
 
 @_backward.register_fake
-def _(grad_out, rows, weight, mean, invstd):
-    return rows.new_empty(rows.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+def _(grad_out, rows, weight, gamma, offset, covariance, invstd):
+    return rows.new_empty(rows.shape), weight.new_empty(weight.shape), gamma.new_empty(gamma.shape), \
+        gamma.new_empty(gamma.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    rows, weight, _, residual, _ = inputs
-    _, mean, _, invstd = output
-    ctx.save_for_backward(rows, weight, mean, invstd)
+    rows, residual, weight, _, gamma, _, _ = inputs
+    _, _, _, offset, covariance, invstd = output
+    ctx.save_for_backward(rows, weight, gamma, offset, covariance, invstd)
     ctx.has_residual = residual is not None
 
 
-def _grads(ctx, grad_out, _grad_mean, _grad_var, _grad_invstd):
-    """The residual's gradient is grad_out itself; the statistics have none."""
-    rows, weight, mean, invstd = ctx.saved_tensors
-    grad_rows, grad_weight, grad_bias = _backward(grad_out.contiguous(), rows, weight, mean, invstd)
-    return grad_rows, grad_weight, grad_bias, (grad_out if ctx.has_residual else None), None
+def _grads(ctx, grad_out, *_statistics):
+    """The residual's gradient is grad_out itself, the bias's zero (BatchNorm subtracts
+    it again); the statistics have none."""
+    rows, weight, gamma, offset, covariance, invstd = ctx.saved_tensors
+    grad_rows, grad_weight, grad_gamma, grad_beta = _backward(grad_out.contiguous(), rows, weight, gamma, offset,
+                                                              covariance, invstd)
+    return (grad_rows, grad_out if ctx.has_residual else None, grad_weight, torch.zeros_like(grad_beta), grad_gamma,
+            grad_beta, None)
 
 
 _forward.register_autograd(_grads, setup_context=_setup_context)
@@ -68,31 +86,33 @@ def _built():
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def applies(bn, rows, residual):
-    """Whether `batch_norm_rows` computes bn(rows) (+ residual) here: a plain
-    nn.BatchNorm (a subclass, such as --sync-bn's, has a forward of its own) with batch
-    statistics (training, or no running statistics), affine, CPU rows of float32,
-    float64 or bfloat16 with the parameters in their accumulation dtype, a residual like
-    the rows, more than one row per channel, and the cpp backend built."""
+def applies(weight, bias, bn, rows, residual):
+    """Whether `projected_batch_norm` computes bn(rows weight^T + b) (+ residual) here: a
+    plain nn.BatchNorm (a subclass, such as --sync-bn's, has a forward of its own) with
+    batch statistics (training, or no running statistics), affine, CPU rows (R, E) of
+    float32, float64 or bfloat16 with the weight (C, E) and BatchNorm's parameters in
+    their accumulation dtype, a residual (R, C) like the rows, more than one row, and
+    the cpp backend built. The 1x1 convolution W_z has a bias (the modules' always do)."""
     batch_statistics = bn.training or bn.running_mean is None
+    statistics = accumulate_dtype(rows.dtype)
+    output = (rows.shape[0], bn.num_features)
     return (type(bn) in _PLAIN and batch_statistics and bn.affine and rows.device.type == "cpu"
-            and rows.dtype in (torch.float32, torch.float64, torch.bfloat16)
-            and bn.weight.dtype == accumulate_dtype(rows.dtype) and rows.numel() > rows.shape[-1]
-            and (residual is None or (residual.dtype == rows.dtype and residual.shape == rows.shape))
+            and rows.dtype in (torch.float32, torch.float64, torch.bfloat16) and rows.dim() == 2
+            and rows.shape[0] > 1 and bias is not None and weight.dtype == bn.weight.dtype == bias.dtype == statistics
+            and weight.shape == (bn.num_features, rows.shape[1])
+            and (residual is None or (residual.dtype == rows.dtype and residual.shape == output))
             and _built())
 
 
-def batch_norm_rows(bn, rows, residual=None):
-    """residual + bn(rows) for rows (..., C) whose channels are bn's (see `applies`)."""
-    shape = rows.shape
-    flat = rows.reshape(-1, shape[-1]).contiguous()
-    flat_residual = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
-    out, mean, var, _ = _forward(flat, bn.weight, bn.bias, flat_residual, bn.eps)
+def projected_batch_norm(weight, bias, bn, rows, residual=None):
+    """residual + bn(rows weight^T + bias) for rows (R, E), weight (C, E), bias (C) (see `applies`)."""
+    out, mean, var, *_ = _forward(rows.contiguous(), None if residual is None else residual.contiguous(), weight,
+                                  bias, bn.weight, bn.bias, bn.eps)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            unbiased = var * (flat.shape[0] / (flat.shape[0] - 1))
+            unbiased = var * (rows.shape[0] / (rows.shape[0] - 1))
             bn.running_mean.copy_(factor * mean + (1 - factor) * bn.running_mean)
             bn.running_var.copy_(factor * unbiased + (1 - factor) * bn.running_var)
-    return out.view(shape)
+    return out

@@ -193,13 +193,18 @@ class ValueBranch(nn.Module):
         return (_pool_rows(self.pool, center, spatial)[0] if self.pool is not None else center), center
 
     def project(self, y, spatial, residual):
-        """(B, N, C') -> rows (B, N, C): residual + W_z y, through BatchNorm fused with the
-        residual on CPU rows (fastnl.batch_norm), else on the rows' channels-last view."""
-        y = F.linear(y, _conv_weight(self.W_z), self.W_z.bias)
+        """(B, N, C') -> rows (B, N, C): residual + BatchNorm(W_z y), in one operator with
+        the BatchNorm's batch statistics on CPU rows (fastnl.batch_norm), else W_z on the
+        rows and BatchNorm on their channels-last view."""
+        weight = _conv_weight(self.W_z)
+        if self.bn is not None and batch_norm.applies(weight, self.W_z.bias, self.bn, y.flatten(0, -2),
+                                                                 residual.flatten(0, -2)):
+            out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, y.flatten(0, -2),
+                                                  residual.flatten(0, -2))
+            return out.view(residual.shape)
+        y = F.linear(y, weight, self.W_z.bias)
         if self.bn is None:
             return residual + y
-        if batch_norm.applies(self.bn, y, residual):
-            return batch_norm.batch_norm_rows(self.bn, y, residual)
         return residual + _rows(self.bn(_spatial(y, spatial)))
 
     def weight_product(self):

@@ -1,5 +1,6 @@
-"""fastnl.batch_norm (the modules' fused BatchNorm + residual on CPU rows) against
-nn.BatchNorm in training: outputs, every gradient, the running statistics, and the
+"""fastnl.batch_norm (the modules' W_z branch on CPU rows: projection, BatchNorm with
+batch statistics and residual in one operator) against the 1x1 projection and
+nn.BatchNorm in float64: outputs, every gradient, the running statistics, and the
 module paths that take it; gradcheck in float64, thread-count determinism, the checks."""
 import pytest
 import torch
@@ -11,42 +12,53 @@ from fastnl import backends, batch_norm
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
 
-# (R, C): three rows (two would make dx vanish, x_hat = +-1), one row short of a
-# reduction chunk (256 rows) and past it, odd C below, at and over a vector of 16
-# floats, and the model's stage-2 shape
-SHAPES = [(3, 3), (255, 5), (1000, 16), (513, 33), (32768, 32)]
+# (R, E, C): three rows (two would make dx vanish, x_hat = +-1), one row short of a
+# reduction chunk (256 rows) and past it, widths below, at and over a vector of 16
+# floats, odd ones, and the model's stage-2 shape
+SHAPES = [(3, 2, 3), (255, 5, 7), (1000, 16, 16), (513, 17, 33), (32768, 16, 32)]
 # max |error| / max |truth| against float64: float32 a few ulps of the largest terms,
 # bfloat16 one rounding of the inputs and the result (2^-8 each)
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def make(shape, dtype, residual=True, seed=0):
+def make(shape, dtype, residual=True, seed=0, mean=1.0):
+    """Rows (R, E) with the given mean (std 3), a residual (R, C), the output's gradient,
+    and the branch's parameters: W (C, E), b (C), a BatchNorm with random affine."""
+    rows_count, width, channels = shape
     generator = torch.Generator().manual_seed(seed)
-    rows = torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 1
-    res = torch.randn(shape, generator=generator, dtype=torch.float64) if residual else None
-    grad = torch.randn(shape, generator=generator, dtype=torch.float64)
-    bn = nn.BatchNorm1d(shape[1]).double()
+    rows = torch.randn(rows_count, width, generator=generator, dtype=torch.float64) * 3 + mean
+    res = torch.randn(rows_count, channels, generator=generator, dtype=torch.float64) if residual else None
+    grad = torch.randn(rows_count, channels, generator=generator, dtype=torch.float64)
+    weight = torch.randn(channels, width, generator=generator, dtype=torch.float64) / width ** 0.5
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+    bn = nn.BatchNorm1d(channels).double()
     with torch.no_grad():
-        bn.weight.copy_(torch.randn(shape[1], generator=generator, dtype=torch.float64))
-        bn.bias.copy_(torch.randn(shape[1], generator=generator, dtype=torch.float64))
-    return rows.to(dtype), None if res is None else res.to(dtype), grad.to(dtype), bn
+        bn.weight.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))
+        bn.bias.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))
+    return rows.to(dtype), None if res is None else res.to(dtype), grad.to(dtype), weight, bias, bn
 
 
-def truth(bn, rows, residual, grad):
-    """nn.BatchNorm's result and gradients in float64 (rows, weight, bias, residual)."""
+def truth(bn, weight, bias, rows, residual, grad):
+    """The projection and nn.BatchNorm in float64: the result and the gradients of
+    (rows, weight, bias, BatchNorm weight, BatchNorm bias, residual)."""
     bn = _copy(bn).double()
-    leaves = [rows.double().requires_grad_()] + ([residual.double().requires_grad_()] if residual is not None else [])
-    out = bn(leaves[0]) + (leaves[1] if residual is not None else 0)
-    grads = torch.autograd.grad(out, [leaves[0], bn.weight, bn.bias, *leaves[1:]], grad.double())
+    leaves = [t.double().requires_grad_() for t in (rows, weight, bias)]
+    leaves += [residual.double().requires_grad_()] if residual is not None else []
+    out = bn(leaves[0] @ leaves[1].t() + leaves[2]) + (leaves[3] if residual is not None else 0)
+    grads = torch.autograd.grad(out, [*leaves[:3], bn.weight, bn.bias, *leaves[3:]], grad.double())
     return out, grads, bn
 
 
-def fused(bn, rows, residual, grad):
-    bn = _copy(bn).to(batch_norm.accumulate_dtype(rows.dtype))
-    leaves = [rows.clone().requires_grad_()] + ([residual.clone().requires_grad_()] if residual is not None else [])
-    assert batch_norm.applies(bn, leaves[0], leaves[1] if residual is not None else None)
-    out = batch_norm.batch_norm_rows(bn, *leaves)
-    grads = torch.autograd.grad(out, [leaves[0], bn.weight, bn.bias, *leaves[1:]], grad)
+def fused(bn, weight, bias, rows, residual, grad):
+    statistics = backends.accumulate_dtype(rows.dtype)
+    bn = _copy(bn).to(statistics)
+    leaves = [rows.clone().requires_grad_(), weight.to(statistics).requires_grad_(),
+              bias.to(statistics).requires_grad_()]
+    leaves += [residual.clone().requires_grad_()] if residual is not None else []
+    res = leaves[3] if residual is not None else None
+    assert batch_norm.applies(leaves[1], leaves[2], bn, leaves[0], res)
+    out = batch_norm.projected_batch_norm(leaves[1], leaves[2], bn, leaves[0], res)
+    grads = torch.autograd.grad(out, [*leaves[:3], bn.weight, bn.bias, *leaves[3:]], grad)
     return out, grads, bn
 
 
@@ -56,53 +68,89 @@ def _copy(bn):
     return copy
 
 
+NAMES = ["out", "grad_rows", "grad_weight", "grad_bias", "grad_bn_weight", "grad_bn_bias", "grad_residual"]
+
+
+def assert_matches(dtype, actual, expected, bias_scale):
+    """Relative errors within the dtype's tolerance; b's gradient, zero in truth up to
+    rounding, against the scale of the other parameters' gradients."""
+    for name, got, exact in zip(NAMES, actual, expected):
+        scale = bias_scale if name == "grad_bias" else exact.abs().max().item()
+        error = (got.double() - exact).abs().max().item() / scale
+        assert error <= TOLERANCE.get(dtype, 1e-12), f"{name}: relative error {error:.2e}"
+
+
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "alone"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_matches_batch_norm(dtype, shape, residual):
-    rows, res, grad, bn = make(shape, dtype, residual)
-    expected_out, expected_grads, expected_bn = truth(bn, rows, res, grad)
-    out, grads, got_bn = fused(bn, rows, res, grad)
-    assert out.dtype == dtype and all(g.dtype in (dtype, got_bn.weight.dtype) for g in grads)
-    names = ["out", "grad_rows", "grad_weight", "grad_bias", "grad_residual"]
-    for name, actual, exact in zip(names, (out, *grads), (expected_out, *expected_grads)):
-        error = (actual.double() - exact).abs().max().item() / exact.abs().max().item()
-        assert error <= TOLERANCE.get(dtype, 1e-12), f"{name}: relative error {error:.2e}"
+def test_matches_projection_and_batch_norm(dtype, shape, residual):
+    rows, res, grad, weight, bias, bn = make(shape, dtype, residual)
+    expected_out, expected_grads, expected_bn = truth(bn, weight, bias, rows, res, grad)
+    out, grads, got_bn = fused(bn, weight, bias, rows, res, grad)
+    assert out.dtype == dtype and grads[0].dtype == dtype and all(g.dtype == got_bn.weight.dtype for g in grads[1:5])
+    assert_matches(dtype, (out, *grads), (expected_out, *expected_grads), expected_grads[1].abs().max().item())
+    assert torch.count_nonzero(grads[2]) == 0  # BatchNorm subtracts b again: exactly no gradient
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(got_bn, name).double(), getattr(expected_bn, name), rtol=1e-5, atol=1e-6)
     assert got_bn.num_batches_tracked.item() == expected_bn.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_mean_far_from_zero_loses_no_more_than_the_unfused_branch(dtype):
+    """Rows with mean 1e4 and std 3. The variance from the raw moments, E[y y^T] - mean
+    mean^T, would lose every digit in float32; centred on the first row, the branch
+    loses no more than the projection and nn.BatchNorm in the same dtype. The truth is
+    taken from the rows less their mean: BatchNorm's result and du do not change, and
+    dW = du^T y gains (sum of du) mean^T = 0, while float64's own cancellation of u's
+    mean would leave errors of 1e-7 in dW."""
+    rows, res, grad, weight, bias, bn = make((2000, 8, 12), dtype, mean=1e4)
+    expected_out, expected_grads, _ = truth(bn, weight, bias, rows.double() - 1e4, res, grad)
+    out, grads, _ = fused(bn, weight, bias, rows, res, grad)
+    unfused = _copy(bn).to(dtype)
+    leaves = [t.to(dtype).requires_grad_() for t in (rows, weight, bias, res)]
+    plain = unfused(leaves[0] @ leaves[1].t() + leaves[2]) + leaves[3]
+    plain_grads = torch.autograd.grad(plain, [*leaves[:3], unfused.weight, unfused.bias, leaves[3]], grad)
+    for name, got, baseline, exact in zip(NAMES, (out, *grads), (plain, *plain_grads), (expected_out, *expected_grads)):
+        if name == "grad_bias":
+            continue
+        error, baseline_error = ((t.double() - exact).abs().max().item() for t in (got, baseline))
+        assert error <= 4 * baseline_error + 1e-13 * exact.abs().max().item(), \
+            f"{name}: error {error:.2e}, the unfused branch's {baseline_error:.2e}"
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum 0.1", "cumulative"])
 def test_running_statistics_follow_batch_norm_over_steps(momentum):
     ours, theirs = nn.BatchNorm1d(7, momentum=momentum).double(), nn.BatchNorm1d(7, momentum=momentum).double()
+    weight, bias = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     for step in range(3):
-        rows = torch.randn(300, 7, dtype=torch.float64) * (step + 1) + step
-        torch.testing.assert_close(batch_norm.batch_norm_rows(ours, rows), theirs(rows), rtol=0, atol=1e-12)
+        rows = torch.randn(300, 5, dtype=torch.float64) * (step + 1) + step
+        torch.testing.assert_close(batch_norm.projected_batch_norm(weight, bias, ours, rows),
+                                   theirs(rows @ weight.t() + bias), rtol=0, atol=1e-12)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=0, atol=1e-12)
     assert ours.num_batches_tracked.item() == 3
 
 
-def test_gradcheck_float64():
-    rows, res, _, bn = make((40, 5), torch.float64)
-    bn = bn.train()
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "alone"])
+def test_gradcheck_float64(residual):
+    rows, res, _, weight, bias, bn = make((40, 3, 5), torch.float64, residual)
 
-    def function(rows, weight, bias, residual):
-        return batch_norm._forward(rows, weight, bias, residual, bn.eps)[0]
+    def function(rows, weight, bias, gamma, beta, *residual):
+        return batch_norm._forward(rows, residual[0] if residual else None, weight, bias, gamma, beta, bn.eps)[0]
 
-    inputs = [t.detach().clone().requires_grad_() for t in (rows, bn.weight, bn.bias, res)]
+    inputs = [t.detach().clone().requires_grad_() for t in (rows, weight, bias, bn.weight, bn.bias)]
+    inputs += [res.clone().requires_grad_()] if residual else []
     assert torch.autograd.gradcheck(function, inputs)
 
 
 def test_one_and_two_threads_agree_bitwise():
-    rows, res, grad, bn = make((3000, 32), torch.float32)
+    rows, res, grad, weight, bias, bn = make((3000, 16, 32), torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            out, grads, _ = fused(bn, rows, res, grad)
+            out, grads, _ = fused(bn, weight, bias, rows, res, grad)
             results.append([out, *grads])
     finally:
         torch.set_num_threads(threads)
@@ -110,38 +158,48 @@ def test_one_and_two_threads_agree_bitwise():
 
 
 def test_applies_to_batch_statistics_on_cpu_rows_only():
-    rows = torch.randn(50, 4)
+    rows, weight, bias, residual = torch.randn(50, 3), torch.randn(4, 3), torch.randn(4), torch.randn(50, 4)
     bn = nn.BatchNorm1d(4)
-    assert batch_norm.applies(bn, rows, None) and batch_norm.applies(bn, rows, torch.randn(50, 4))
-    assert not batch_norm.applies(bn.eval(), rows, None)  # running statistics: the module's own BatchNorm
+    assert batch_norm.applies(weight, bias, bn, rows, None) and batch_norm.applies(weight, bias, bn, rows, residual)
+    assert not batch_norm.applies(weight, bias, bn.eval(), rows, None)  # running statistics: the module's own
     bn.train()
-    assert not batch_norm.applies(bn, rows.half(), None)
-    assert not batch_norm.applies(bn, rows, torch.randn(50, 4, dtype=torch.float64))
-    assert not batch_norm.applies(bn, rows[:1], None)  # one row: nn.BatchNorm's own error
-    assert not batch_norm.applies(nn.BatchNorm1d(4, affine=False), rows, None)
+    assert not batch_norm.applies(weight, bias, bn, rows.half(), None)
+    assert not batch_norm.applies(weight, bias, bn, rows, residual.double())
+    assert not batch_norm.applies(weight, bias, bn, rows, residual[:, :3])
+    assert not batch_norm.applies(weight.double(), bias, bn, rows, None)
+    assert not batch_norm.applies(weight, None, bn, rows, None)
+    assert not batch_norm.applies(weight[:, :2], bias, bn, rows, None)
+    assert not batch_norm.applies(weight, bias, bn, rows[:1], None)  # one row: nn.BatchNorm's own error
+    assert not batch_norm.applies(weight, bias, nn.BatchNorm1d(4, affine=False), rows, None)
 
     class Synchronised(nn.BatchNorm1d):  # as --sync-bn's CPUSyncBatchNorm: a forward of its own
         pass
 
-    assert not batch_norm.applies(Synchronised(4), rows, None)
+    assert not batch_norm.applies(weight, bias, Synchronised(4), rows, None)
 
 
 def test_operator_checks():
-    rows, weight = torch.randn(10, 4), torch.ones(4)
+    rows, weight, channels = torch.randn(10, 3), torch.randn(4, 3), torch.ones(4)
+    forward = torch.ops.fastnl_cpp.projected_batch_norm_forward
     with pytest.raises(RuntimeError, match="batch statistics need more than one row"):
-        torch.ops.fastnl_cpp.batch_norm_rows_forward(rows[:1], weight, weight, None, 1e-5)
+        forward(rows[:1], None, weight, channels, channels, channels, 1e-5)
     with pytest.raises(RuntimeError, match="weight must have dtype Float"):
-        torch.ops.fastnl_cpp.batch_norm_rows_forward(rows, weight.double(), weight, None, 1e-5)
+        forward(rows, None, weight.double(), channels, channels, channels, 1e-5)
+    with pytest.raises(RuntimeError, match="gamma must have shape"):
+        forward(rows, None, weight, channels, channels[:3], channels, 1e-5)
     with pytest.raises(RuntimeError, match="residual must have shape"):
-        torch.ops.fastnl_cpp.batch_norm_rows_forward(rows, weight, weight, rows[:5], 1e-5)
-    with pytest.raises(RuntimeError, match="x must be float32, float64 or bfloat16"):
-        torch.ops.fastnl_cpp.batch_norm_rows_forward(rows.half(), weight, weight, None, 1e-5)
+        forward(rows, rows, weight, channels, channels, channels, 1e-5)
+    with pytest.raises(RuntimeError, match="y must be float32, float64 or bfloat16"):
+        forward(rows.half(), None, weight, channels, channels, channels, 1e-5)
+    with pytest.raises(RuntimeError, match="y must be contiguous"):
+        forward(torch.randn(3, 10).t(), None, weight, channels, channels, channels, 1e-5)
 
 
 @pytest.mark.parametrize("module", ["block", "stage"])
 def test_modules_compute_the_same_either_way(module, monkeypatch):
     """A training step of a block and of a stage gives the same outputs, gradients and
-    running statistics with the fused BatchNorm as with nn.BatchNorm (float64)."""
+    running statistics with the fused branch as with the projection and nn.BatchNorm
+    (float64)."""
     torch.manual_seed(0)
     make_module = {"block": lambda: fastnl.NonlocalBlock(8), "stage": lambda: fastnl.NonlocalStage(8, num_blocks=3)}
     reference_module = make_module[module]().double()
@@ -165,12 +223,15 @@ def test_modules_compute_the_same_either_way(module, monkeypatch):
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "alone"])
 def test_opcheck(residual):
-    rows, res, grad, bn = make((300, 6), torch.float32, residual)
-    weight, bias = bn.weight.detach().float().requires_grad_(), bn.bias.detach().float().requires_grad_()
+    rows, res, grad, weight, bias, bn = make((300, 5, 6), torch.float32, residual)
+    weight, bias, gamma, beta = (t.detach().float().requires_grad_() for t in (weight, bias, bn.weight, bn.bias))
     leaf = rows.requires_grad_()
-    torch.library.opcheck(batch_norm._forward, (leaf, weight, bias, res, 1e-5))
-    _, mean, _, invstd = batch_norm._forward(rows.detach(), weight.detach(), bias.detach(), res, 1e-5)
-    torch.library.opcheck(batch_norm._backward, (grad, rows.detach(), weight.detach(), mean, invstd))
+    arguments = (leaf, res, weight, bias, gamma, beta, 1e-5)
+    torch.library.opcheck(batch_norm._forward, arguments)
+    _, _, _, offset, covariance, invstd = batch_norm._forward(*(a.detach() if torch.is_tensor(a) else a
+                                                              for a in arguments))
+    torch.library.opcheck(batch_norm._backward, (grad, rows.detach(), weight.detach(), gamma.detach(), offset,
+                                                 covariance, invstd))
 
 
 def test_a_training_stage_compiles_without_graph_breaks():

@@ -1,15 +1,18 @@
-// BatchNorm with batch statistics over position rows (R, C), and the residual it is
-// added to: out = residual + (x - mean) * invstd * weight + bias, the W_z branch of the
-// nonlocal modules on the CPU (fastnl/batch_norm.py). ATen's channels-last BatchNorm and
-// the add took 2.5 ms fwd+bwd at the model's (32768, 32) in float32, ten adds' time;
-// this takes 1.3: one reduction and one write each way.
+// The W_z branch of the nonlocal modules in training on the CPU (fastnl/batch_norm.py):
+// residual + BatchNorm(y W^T + b) over position rows with batch statistics, one operator
+// each way, and u = y W^T + b never stored. u's mean is W mean(y) + b and its variance
+// diag(W Cov(y) W^T), so the statistics come from y's own moments (y has C' = C / 2
+// columns); the normalised output is one more projection of y with the BatchNorm folded
+// into its weight, and the backward's sums over rows are grad^T y. Where the projection
+// and nn.BatchNorm write u and read it twice more each way, this is two passes over y.
+// At the model's rows (32768, 16 -> 32), fwd+bwd of the stage's three blocks: 1.09x in
+// float32, 1.00x in bfloat16 (paired, against the projection and a fused BatchNorm).
 //
-// Channels run along the vector lanes (rows are contiguous), so every pass is plain
-// vector arithmetic. The reductions sum the rows in fixed chunks and the chunks' sums
-// in chunk order: bitwise identical results for any thread count. The statistics take
-// one pass (memory, not arithmetic, bounds these kernels: a second pass over 4 MB of
-// rows cost as much as the first). Sums and statistics are float32 (float64 for
-// float64 rows); bfloat16 rows are converted as they are read.
+// Rows are contiguous: the products keep kCross (or 8 x 2) vector accumulators in
+// registers and stream the rows through broadcast FMAs. The reductions sum the rows in
+// fixed chunks and the chunks' sums in chunk order: bitwise identical results for any
+// thread count. Sums, statistics and projections are float32 (float64 for float64
+// rows); bfloat16 rows are converted as they are read.
 #include "ops.h"
 #include "tile_math.h"
 
@@ -18,223 +21,310 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-#include <cmath>
-
 namespace fastnl {
 namespace {
 
 constexpr int64_t kChunkRows = 256;  // rows a reduction work item sums
-constexpr int64_t kBlockRows = 16;   // rows converted and computed at a time
 
-// The rows [r, r + rows) of x (R, C) as A: in place, or converted into `scratch` with
-// one at::vec conversion of the block.
-template <typename T, typename A>
-const A* block_values(const T* x, int64_t r, int64_t rows, int64_t C, Buffer<A>& scratch) {
-  if constexpr (std::is_same_v<T, A>) {
-    return x + r * C;
-  } else {
-    at::vec::convert(x + r * C, scratch.data(), rows * C);
-    return scratch.data();
+// sums (kCross, n lanes; rows ldc apart) += x (rows, kCross)^T w (rows, n lanes), x's
+// rows ldx apart, w's ldw: the kCross accumulators stay in registers over all the
+// rows, each row one vector of w and kCross FMAs with a broadcast operand.
+constexpr int64_t kCross = 16;
+template <typename A>
+void add_cross(const A* x, int64_t ldx, const A* w, int64_t ldw, int64_t rows, A* sums, int64_t ldc) {
+  Vec<A> acc[kCross];
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kCross; ++j) acc[j] = Vec<A>::loadu(sums + j * ldc);
+  for (int64_t i = 0; i < rows; ++i) {
+    const Vec<A> row = Vec<A>::loadu(w + i * ldw);
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kCross; ++j) acc[j] = at::vec::fmadd(Vec<A>(x[i * ldx + j]), row, acc[j]);
   }
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kCross; ++j) acc[j].store(sums + j * ldc);
 }
 
-// Where a block's results go: out's rows in place, or `scratch` converted by `commit`.
+// The rows [r, r + rows) of x (R, C) as A, minus `shift` (C) where given, with rows
+// ld >= C apart: in place where x is A already, unshifted and ld == C, else written
+// into `scratch` (its padding columns left as they were).
 template <typename T, typename A>
-struct BlockOut {
-  T* out;
-  Buffer<A>& scratch;
-  A* rows(int64_t r, int64_t C) {
-    if constexpr (std::is_same_v<T, A>) {
-      return out + r * C;
-    } else {
-      return scratch.data();
-    }
-  }
-  void commit(int64_t r, int64_t rows, int64_t C) {
-    if constexpr (!std::is_same_v<T, A>) at::vec::convert(scratch.data(), out + r * C, rows * C);
-  }
-};
-
-// `sums` per-channel sums over R rows into totals (sums, C): chunk_sum(begin, end, acc)
-// adds the rows [begin, end) into its chunk's zeroed acc (sums, C), and the chunks are
-// added in order.
-template <typename A, typename Fn>
-void channel_sums(int64_t R, int64_t C, int64_t sums, A* totals, Fn chunk_sum) {
-  const int64_t chunks = (R + kChunkRows - 1) / kChunkRows;
-  Buffer<A> partial(chunks * sums * C);  // zero
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk)
-      chunk_sum(chunk * kChunkRows, std::min(R, (chunk + 1) * kChunkRows), partial.data() + chunk * sums * C);
-  });
-  std::fill(totals, totals + sums * C, A(0));
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t i = 0; i < sums * C; ++i) totals[i] += partial[chunk * sums * C + i];
-}
-
-// fn(c, n) for the channel vectors: c = 0, L, 2L.., n lanes of each
-template <typename A, typename Fn>
-inline void for_channel_vectors(int64_t C, Fn fn) {
+const A* rows_as(const T* x, int64_t r, int64_t rows, int64_t C, int64_t ld, const A* shift, Buffer<A>& scratch) {
   constexpr int64_t L = Vec<A>::size();
-  for (int64_t c = 0; c < C; c += L) fn(c, std::min(L, C - c));
+  if (ld == C) {
+    if constexpr (std::is_same_v<T, A>)
+      if (!shift) return x + r * C;
+    at::vec::convert(x + r * C, scratch.data(), rows * C);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) at::vec::convert(x + (r + i) * C, scratch.data() + i * ld, C);
+  }
+  if (shift)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < C; c += L) {
+        const int64_t n = std::min(L, C - c);
+        (Vec<A>::loadu(scratch.data() + i * ld + c, n) - Vec<A>::loadu(shift + c, n))
+            .store(scratch.data() + i * ld + c, n);
+      }
+  return scratch.data();
 }
 
-// out = x a + b + y c per channel, in one write over the rows: the forward's
-// normalisation (y the residual, c null: added as it is) and the backward's dx (y = dy).
+// sum_a = the sum of the rows of a - a_shift (P), cross = (a - a_shift)^T (b - b_shift)
+// (P, Q), for rows a (R, P) and b (R, Q); a_shift may be null (no shift).
 template <typename T, typename A>
-void affine_rows(const T* x, const A* a, const A* b, const T* y, const A* c, T* out, int64_t R, int64_t C) {
+void moments_kernel(const T* a, const A* a_shift, const T* b, const A* b_shift, A* sum_a, A* cross, int64_t R,
+                    int64_t P, int64_t Q) {
+  constexpr int64_t L = Vec<A>::size();
+  // a's rows padded to Pp columns (kCross accumulators at a time), b's to whole vectors
+  const int64_t chunks = (R + kChunkRows - 1) / kChunkRows, Pp = round_up(P, kCross), ld = padded<A>(Q);
+  const int64_t width = Pp + Pp * ld;
+  Buffer<A> partial(chunks * width);  // zero: per chunk, the sums (Pp) and the products (Pp, ld)
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    Buffer<A> a_scratch(kChunkRows * Pp), b_scratch(kChunkRows * ld);  // zero padding
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      A* sums = partial.data() + chunk * width;
+      const int64_t r0 = chunk * kChunkRows, rows = std::min(R, r0 + kChunkRows) - r0;
+      const A* x = rows_as(a, r0, rows, P, Pp, a_shift, a_scratch);
+      const A* w = rows_as(b, r0, rows, Q, ld, b_shift, b_scratch);
+      for (int64_t p = 0; p < Pp; p += L) {
+        Vec<A> total(A(0));
+        for (int64_t i = 0; i < rows; ++i) total = total + Vec<A>::loadu(x + i * Pp + p);
+        total.store(sums + p);
+      }
+      for (int64_t p = 0; p < Pp; p += kCross)
+        for (int64_t c = 0; c < ld; c += L) add_cross(x + p, Pp, w + c, ld, rows, sums + Pp + p * ld + c, ld);
+    }
+  });
+  std::fill(sum_a, sum_a + P, A(0));
+  std::fill(cross, cross + P * Q, A(0));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const A* sums = partial.data() + chunk * width;
+    for (int64_t p = 0; p < P; ++p) {
+      sum_a[p] += sums[p];
+      for (int64_t q = 0; q < Q; ++q) cross[p * Q + q] += sums[Pp + p * ld + q];
+    }
+  }
+}
+
+// m (P, Q) with rows ld apart, zero past column Q
+template <typename A>
+Buffer<A> padded_columns(const A* m, int64_t P, int64_t Q, int64_t ld) {
+  Buffer<A> out(P * ld);  // zero
+  for (int64_t p = 0; p < P; ++p) std::copy_n(m + p * Q, Q, out.data() + p * ld);
+  return out;
+}
+
+// VECS column vectors (from column c, the last n lanes wide) of ROWS output rows, in
+// registers: out = x weight + bias + added, for x (ROWS, P), weight (P, Q) padded to
+// rows of ldw (whole vectors: a masked load in the loop would split it in two paths,
+// and GCC then keeps the sums in memory), bias (Q) or null, added (ROWS, Q) or null
+// (it may be out itself). Each k is VECS vectors of weight and ROWS x VECS FMAs,
+// independent sums so that no FMA waits on the last.
+template <int ROWS, int VECS, typename A>
+void project_block(const A* x, int64_t P, const A* weight, int64_t ldw, const A* bias, const A* added, A* out,
+                   int64_t Q, int64_t c, int64_t n) {
+  constexpr int64_t L = Vec<A>::size();
+  const auto lanes = [&](int v) { return v == VECS - 1 ? n : L; };
+  Vec<A> acc[ROWS][VECS];
+  for (int v = 0; v < VECS; ++v) {
+    const Vec<A> shift = bias ? Vec<A>::loadu(bias + c + v * L, lanes(v)) : Vec<A>(A(0));
+    for (int r = 0; r < ROWS; ++r)
+      acc[r][v] = added ? shift + Vec<A>::loadu(added + r * Q + c + v * L, lanes(v)) : shift;
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    Vec<A> row[VECS];
+    for (int v = 0; v < VECS; ++v) row[v] = in_register(Vec<A>::loadu(weight + p * ldw + c + v * L));
+    for (int r = 0; r < ROWS; ++r) {
+      const Vec<A> coefficient(x[r * P + p]);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = at::vec::fmadd(coefficient, row[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v) acc[r][v].store(out + r * Q + c + v * L, lanes(v));
+}
+
+// out = x weight + bias + added for `rows` rows, all Q columns (weight's rows ldw
+// apart): blocks of kProjectRows rows and two column vectors, as matmul_tile's narrow blocks
+constexpr int kProjectRows = 8;
+template <typename A>
+void project_rows_of(int64_t rows, const A* x, int64_t P, const A* weight, int64_t ldw, const A* bias, const A* added,
+                     A* out, int64_t Q) {
+  constexpr int64_t L = Vec<A>::size();
+  const auto columns = [&](auto block_rows, int64_t r) {
+    constexpr int ROWS = decltype(block_rows)::value;
+    const A* at_added = added ? added + r * Q : nullptr;
+    int64_t c = 0;
+    for (; c + L < Q; c += 2 * L)
+      project_block<ROWS, 2>(x + r * P, P, weight, ldw, bias, at_added, out + r * Q, Q, c, std::min(L, Q - c - L));
+    if (c < Q) project_block<ROWS, 1>(x + r * P, P, weight, ldw, bias, at_added, out + r * Q, Q, c, Q - c);
+  };
+  int64_t r = 0;
+  for (; r + kProjectRows <= rows; r += kProjectRows) columns(std::integral_constant<int, kProjectRows>(), r);
+  for (; r < rows; ++r) columns(std::integral_constant<int, 1>(), r);
+}
+
+// out = (x - x_shift) weight + (x2 - x2_shift) weight2 + bias + residual, a chunk of rows
+// at a time (x2's product added to the first's in place); x2, residual and the shifts
+// optional
+template <typename T, typename A>
+void project_kernel(const T* x, const A* x_shift, const A* weight, const A* bias, const T* x2, const A* x2_shift,
+                    const A* weight2, const T* residual, T* out, int64_t R, int64_t P, int64_t P2, int64_t Q) {
+  const int64_t ldw = padded<A>(Q);
+  const Buffer<A> w = padded_columns(weight, P, Q, ldw), w2 = x2 ? padded_columns(weight2, P2, Q, ldw) : Buffer<A>();
   at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
-    Buffer<A> scratch(kBlockRows * C), y_scratch(y ? kBlockRows * C : 0), out_scratch(kBlockRows * C);
-    BlockOut<T, A> target{out, out_scratch};
-    for (int64_t r = begin; r < end; r += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, end - r);
-      const A* block = block_values(x, r, rows, C, scratch);
-      const A* added = y ? block_values(y, r, rows, C, y_scratch) : nullptr;
-      A* result = target.rows(r, C);
-      for_channel_vectors<A>(C, [&](int64_t ch, int64_t n) {
-        const Vec<A> ac = Vec<A>::loadu(a + ch, n), bc = Vec<A>::loadu(b + ch, n);
-        const Vec<A> cc = c ? Vec<A>::loadu(c + ch, n) : Vec<A>(A(0));
-        for (int64_t i = 0; i < rows; ++i) {
-          Vec<A> v = at::vec::fmadd(Vec<A>::loadu(block + i * C + ch, n), ac, bc);
-          if (added) {
-            const Vec<A> yv = Vec<A>::loadu(added + i * C + ch, n);
-            v = c ? at::vec::fmadd(yv, cc, v) : v + yv;
-          }
-          v.store(result + i * C + ch, n);
-        }
-      });
-      target.commit(r, rows, C);
+    Buffer<A> x_scratch(kChunkRows * P), x2_scratch(x2 ? kChunkRows * P2 : 0);
+    Buffer<A> residual_scratch(residual ? kChunkRows * Q : 0), out_scratch(std::is_same_v<T, A> ? 0 : kChunkRows * Q);
+    for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, end - r0);
+      A* result = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) + r0 * Q : out_scratch.data();
+      project_rows_of(
+          rows, rows_as(x, r0, rows, P, P, x_shift, x_scratch), P, w.data(), ldw, bias,
+          residual ? rows_as(residual, r0, rows, Q, Q, static_cast<const A*>(nullptr), residual_scratch) : nullptr,
+          result, Q);
+      if (x2)
+        project_rows_of(rows, rows_as(x2, r0, rows, P2, P2, x2_shift, x2_scratch), P2, w2.data(), ldw,
+                        static_cast<const A*>(nullptr), result, result, Q);
+      if constexpr (!std::is_same_v<T, A>) at::vec::convert(out_scratch.data(), out + r0 * Q, rows * Q);
     }
   });
 }
 
+// The statistics of u = y W^T + b and the folded projection, everything about y
+// centred on its first row y0 (so that a mean far from zero costs no digits): with
+// d = mean(y) - y0, u's mean is W (y0 + d) + b and its biased variance diag(W Cov(y) W^T),
+// Cov(y) = E[(y - y0)(y - y0)^T] - d d^T; then out = residual + (y - y0) (s W)^T +
+// beta - s W d, s = gamma / sqrt(var + eps). `offset` keeps d for the backward.
 template <typename T, typename A>
-void forward_kernel(const T* x, const A* weight, const A* bias, const T* residual, T* out, A* mean, A* var, A* invstd,
-                    int64_t R, int64_t C, double eps) {
-  // one pass: sums of d = x - first row and of d^2, per channel; shifted by a sample of
-  // the data, E[d^2] - E[d]^2 loses no more than a few ulps to cancellation (the plain
-  // E[x^2] - E[x]^2 would lose all digits where |mean| >> std)
-  Buffer<A> shift_by(C), sums(2 * C);
-  at::vec::convert(x, shift_by.data(), C);
-  channel_sums(R, C, 2, sums.data(), [&](int64_t begin, int64_t end, A* acc) {
-    Buffer<A> scratch(kBlockRows * C);
-    for (int64_t r = begin; r < end; r += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, end - r);
-      const A* block = block_values(x, r, rows, C, scratch);
-      for_channel_vectors<A>(C, [&](int64_t c, int64_t n) {
-        const Vec<A> shift = Vec<A>::loadu(shift_by.data() + c, n);
-        Vec<A> sum = Vec<A>::loadu(acc + c, n), squares = Vec<A>::loadu(acc + C + c, n);
-        for (int64_t i = 0; i < rows; ++i) {
-          const Vec<A> d = Vec<A>::loadu(block + i * C + c, n) - shift;
-          sum = sum + d;
-          squares = at::vec::fmadd(d, d, squares);
-        }
-        sum.store(acc + c, n);
-        squares.store(acc + C + c, n);
-      });
-    }
-  });
-  // out = x * scale + shift (+ residual), per channel
-  Buffer<A> scale(C), shift(C);
+void forward_kernel(const T* y, const T* residual, const A* weight, const A* bias, const A* gamma, const A* beta,
+                    double eps, T* out, A* u_mean, A* var, A* offset, A* covariance, A* invstd, int64_t R, int64_t E,
+                    int64_t C) {
+  Buffer<A> first(E), cross(E * E), scaled_t(E * C), shifted_bias(C);
+  at::vec::convert(y, first.data(), E);
+  moments_kernel<T, A>(y, first.data(), y, first.data(), offset, cross.data(), R, E, E);
+  for (int64_t e = 0; e < E; ++e) offset[e] /= A(R);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t f = 0; f < E; ++f) covariance[e * E + f] = cross[e * E + f] / A(R) - offset[e] * offset[f];
   for (int64_t c = 0; c < C; ++c) {
-    const A shifted_mean = sums[c] / A(R);
-    mean[c] = shift_by[c] + shifted_mean;
-    var[c] = std::max(A(0), sums[C + c] / A(R) - shifted_mean * shifted_mean);
+    const A* w = weight + c * E;
+    A v = 0, shifted_mean = 0, first_row = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      shifted_mean += w[e] * offset[e];
+      first_row += w[e] * first[e];
+      for (int64_t f = 0; f < E; ++f) v += w[e] * covariance[e * E + f] * w[f];
+    }
+    var[c] = std::max(A(0), v);
+    u_mean[c] = first_row + shifted_mean + bias[c];
     invstd[c] = A(1) / std::sqrt(var[c] + A(eps));
-    scale[c] = invstd[c] * weight[c];
-    shift[c] = bias[c] - mean[c] * scale[c];
+    const A scale = gamma[c] * invstd[c];
+    for (int64_t e = 0; e < E; ++e) scaled_t[e * C + c] = scale * w[e];
+    shifted_bias[c] = beta[c] - scale * shifted_mean;
   }
-  affine_rows<T, A>(x, scale.data(), shift.data(), residual, nullptr, out, R, C);
+  project_kernel<T, A>(y, first.data(), scaled_t.data(), shifted_bias.data(), nullptr, nullptr, nullptr, residual, out,
+                       R, E, 0, C);
 }
 
+// BatchNorm's backward through u = y W^T + b, with g = grad_out and xhat = (u - mean)
+// invstd: du = s (g - sum g / R - xhat sum(g xhat) / R). Its sums over rows come from
+// g^T (y - y0); dy = du W = g (s W) + (y - y0) M + c, and dW = du^T y from the same
+// small matrices.
 template <typename T, typename A>
-void backward_kernel(const T* grad_out, const T* x, const A* weight, const A* mean, const A* invstd, T* grad_x,
-                     A* grad_weight, A* grad_bias, int64_t R, int64_t C) {
-  // sums[0] = sum dy, sums[1] = sum dy (x - mean), per channel
-  Buffer<A> sums(2 * C);
-  channel_sums(R, C, 2, sums.data(), [&](int64_t begin, int64_t end, A* acc) {
-    Buffer<A> scratch(kBlockRows * C), grad_scratch(kBlockRows * C);
-    for (int64_t r = begin; r < end; r += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, end - r);
-      const A* block = block_values(x, r, rows, C, scratch);
-      const A* dy = block_values(grad_out, r, rows, C, grad_scratch);
-      for_channel_vectors<A>(C, [&](int64_t c, int64_t n) {
-        const Vec<A> m = Vec<A>::loadu(mean + c, n);
-        Vec<A> sum = Vec<A>::loadu(acc + c, n), product = Vec<A>::loadu(acc + C + c, n);
-        for (int64_t i = 0; i < rows; ++i) {
-          const Vec<A> g = Vec<A>::loadu(dy + i * C + c, n);
-          sum = sum + g;
-          product = at::vec::fmadd(Vec<A>::loadu(block + i * C + c, n) - m, g, product);
-        }
-        sum.store(acc + c, n);
-        product.store(acc + C + c, n);
-      });
-    }
-  });
-  // dx = (dy - mean(dy) - xhat mean(dy xhat)) invstd w = dy k + x j + l, per channel
-  Buffer<A> k(C), j(C), l(C);
+void backward_kernel(const T* grad_out, const T* y, const A* weight, const A* gamma, const A* offset,
+                     const A* covariance, const A* invstd, T* grad_y, A* grad_weight, A* grad_gamma, A* grad_beta,
+                     int64_t R, int64_t E, int64_t C) {
+  Buffer<A> first(E), cross(C * E), centered(C * E), through_var(C), scaled(C * E), back(E * E), constant(E);
+  at::vec::convert(y, first.data(), E);
+  moments_kernel<T, A>(grad_out, nullptr, y, first.data(), grad_beta, cross.data(), R, C, E);
   for (int64_t c = 0; c < C; ++c) {
-    grad_bias[c] = sums[c];
-    grad_weight[c] = sums[C + c] * invstd[c];
-    k[c] = invstd[c] * weight[c];
-    j[c] = -k[c] * invstd[c] * invstd[c] * sums[C + c] / A(R);
-    l[c] = -k[c] * sums[c] / A(R) - mean[c] * j[c];
+    const A* w = weight + c * E;
+    A sum = 0;
+    for (int64_t e = 0; e < E; ++e) {  // g^T (y - mean)
+      centered[c * E + e] = cross[c * E + e] - grad_beta[c] * offset[e];
+      sum += centered[c * E + e] * w[e];
+    }
+    grad_gamma[c] = invstd[c] * sum;
+    const A scale = gamma[c] * invstd[c];
+    through_var[c] = scale * invstd[c] * grad_gamma[c];  // the variance's share of du, per channel
+    for (int64_t e = 0; e < E; ++e) {
+      scaled[c * E + e] = scale * w[e];
+      A product = 0;  // (W Cov^T)[c, e]
+      for (int64_t f = 0; f < E; ++f) product += w[f] * covariance[e * E + f];
+      grad_weight[c * E + e] = scale * centered[c * E + e] - through_var[c] * product;
+    }
   }
-  affine_rows<T, A>(x, j.data(), l.data(), grad_out, k.data(), grad_x, R, C);
+  for (int64_t e = 0; e < E; ++e)  // M = -W^T diag(through_var) W / R
+    for (int64_t f = 0; f < E; ++f) {
+      A sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += weight[c * E + e] * through_var[c] * weight[c * E + f];
+      back[e * E + f] = -sum / A(R);
+    }
+  for (int64_t f = 0; f < E; ++f) {  // c = -(s grad_beta) W / R - d M
+    A sum = 0;
+    for (int64_t c = 0; c < C; ++c) sum -= scaled[c * E + f] * grad_beta[c] / A(R);
+    for (int64_t e = 0; e < E; ++e) sum -= offset[e] * back[e * E + f];
+    constant[f] = sum;
+  }
+  project_kernel<T, A>(grad_out, nullptr, scaled.data(), constant.data(), y, first.data(), back.data(), nullptr, grad_y,
+                       R, C, E, E);
 }
 
-void check_rows(const char* name, const Tensor& t, const Tensor& like) {
-  check_like(name, t, like.sizes(), like.scalar_type());
-}
-
-void check_channels(const char* name, const Tensor& t, int64_t C, at::ScalarType dtype) {
-  check_like(name, t, {C}, dtype);
+void check_rows(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.dim() == 2, name, " must be rows (R, C), got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, name,
+              " must be float32, float64 or bfloat16, got ", dtype);
+  check_like(name, t, t.sizes(), dtype);
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_rows_forward(const Tensor& x, const Tensor& weight,
-                                                                   const Tensor& bias, const OptionalTensor& residual,
-                                                                   double eps) {
-  TORCH_CHECK(x.dim() == 2, "x must be rows (R, C), got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-              "x must be float32, float64 or bfloat16, got ", dtype);
-  const int64_t R = x.size(0), C = x.size(1);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
+    const Tensor& y, const OptionalTensor& residual, const Tensor& weight, const Tensor& bias, const Tensor& gamma,
+    const Tensor& beta, double eps) {
+  check_rows("y", y);
+  const int64_t R = y.size(0), E = y.size(1), C = weight.size(0);
   TORCH_CHECK(R > 1, "batch statistics need more than one row, got ", R);
-  check_rows("x", x, x);
-  const auto statistics = accumulate_type(dtype);
-  check_channels("weight", weight, C, statistics);
-  check_channels("bias", bias, C, statistics);
-  if (residual) check_rows("residual", *residual, x);
-  Tensor out = at::empty_like(x), mean = at::empty({C}, weight.options()), var = at::empty_like(mean);
-  Tensor invstd = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fastnl_cpp::batch_norm_rows_forward", [&] {
+  const auto statistics = accumulate_type(y.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, "weight must be (C, E), got shape ", weight.sizes());
+  check_like("weight", weight, {C, E}, statistics);
+  for (const auto& [name, t] : {std::pair{"bias", bias}, std::pair{"gamma", gamma}, std::pair{"beta", beta}})
+    check_like(name, t, {C}, statistics);
+  if (residual) check_like("residual", *residual, {R, C}, y.scalar_type());
+  const auto options = weight.options();
+  Tensor out = at::empty({R, C}, y.options()), u_mean = at::empty({C}, options), var = at::empty({C}, options);
+  Tensor offset = at::empty({E}, options), covariance = at::empty({E, E}, options), invstd = at::empty({C}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "fastnl_cpp::projected_batch_norm_forward", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<A>(), bias.const_data_ptr<A>(),
-                                residual ? residual->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                                mean.data_ptr<A>(), var.data_ptr<A>(), invstd.data_ptr<A>(), R, C, eps);
+    forward_kernel<scalar_t, A>(y.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+                                weight.const_data_ptr<A>(), bias.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
+                                beta.const_data_ptr<A>(), eps, out.data_ptr<scalar_t>(), u_mean.data_ptr<A>(),
+                                var.data_ptr<A>(), offset.data_ptr<A>(), covariance.data_ptr<A>(), invstd.data_ptr<A>(),
+                                R, E, C);
   });
-  return {out, mean, var, invstd};
+  return {out, u_mean, var, offset, covariance, invstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_rows_backward(const Tensor& grad_out, const Tensor& x,
-                                                            const Tensor& weight, const Tensor& mean,
-                                                            const Tensor& invstd) {
-  TORCH_CHECK(x.dim() == 2, "x must be rows (R, C), got shape ", x.sizes());
-  const int64_t R = x.size(0), C = x.size(1);
-  check_rows("x", x, x);
-  check_rows("grad_out", grad_out, x);
-  const auto statistics = accumulate_type(x.scalar_type());
-  for (const auto& [name, t] : {std::pair{"weight", weight}, std::pair{"mean", mean}, std::pair{"invstd", invstd}})
-    check_channels(name, t, C, statistics);
-  Tensor grad_x = at::empty_like(x), grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastnl_cpp::batch_norm_rows_backward", [&] {
+std::tuple<Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(const Tensor& grad_out, const Tensor& y,
+                                                                         const Tensor& weight, const Tensor& gamma,
+                                                                         const Tensor& offset, const Tensor& covariance,
+                                                                         const Tensor& invstd) {
+  check_rows("y", y);
+  const int64_t R = y.size(0), E = y.size(1), C = weight.size(0);
+  const auto statistics = accumulate_type(y.scalar_type());
+  check_like("grad_out", grad_out, {R, C}, y.scalar_type());
+  check_like("weight", weight, {C, E}, statistics);
+  check_like("gamma", gamma, {C}, statistics);
+  check_like("offset", offset, {E}, statistics);
+  check_like("covariance", covariance, {E, E}, statistics);
+  check_like("invstd", invstd, {C}, statistics);
+  Tensor grad_y = at::empty_like(y), grad_weight = at::empty_like(weight), grad_gamma = at::empty_like(gamma);
+  Tensor grad_beta = at::empty_like(gamma);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "fastnl_cpp::projected_batch_norm_backward", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_kernel<scalar_t, A>(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                 weight.const_data_ptr<A>(), mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
-                                 grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<A>(), grad_bias.data_ptr<A>(), R, C);
+    backward_kernel<scalar_t, A>(grad_out.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                 weight.const_data_ptr<A>(), gamma.const_data_ptr<A>(), offset.const_data_ptr<A>(),
+                                 covariance.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
+                                 grad_y.data_ptr<scalar_t>(), grad_weight.data_ptr<A>(), grad_gamma.data_ptr<A>(),
+                                 grad_beta.data_ptr<A>(), R, E, C);
   });
-  return {grad_x, grad_weight, grad_bias};
+  return {grad_y, grad_weight, grad_gamma, grad_beta};
 }
 
 }  // namespace fastnl

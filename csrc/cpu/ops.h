@@ -29,15 +29,20 @@ std::tuple<Tensor, Tensor> concat_forward(const Tensor& query, const Tensor& key
 std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                    const Tensor& value, const OptionalTensor& center, double scale);
 
-// BatchNorm with batch statistics over rows x (R, C) (float32, float64 or bfloat16;
-// weight, bias and the statistics float32, float64 for float64 x), plus an optional
-// residual like x: (out, mean, biased var, invstd) and the backward's (dx, dweight, dbias).
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_rows_forward(const Tensor& x, const Tensor& weight,
-                                                                   const Tensor& bias, const OptionalTensor& residual,
-                                                                   double eps);
-std::tuple<Tensor, Tensor, Tensor> batch_norm_rows_backward(const Tensor& grad_out, const Tensor& x,
-                                                            const Tensor& weight, const Tensor& mean,
-                                                            const Tensor& invstd);
+// The nonlocal modules' W_z branch in training (batch_norm.cpp): residual +
+// BatchNorm(y W^T + b) with batch statistics, over rows y (R, E) of float32, float64 or
+// bfloat16, residual (R, C) like y or none, and W (C, E), b, gamma, beta (C) and every
+// statistic in the accumulation dtype (float32, float64 for float64 rows). Forward:
+// (out, u's mean and biased variance, y's mean less its first row, y's covariance,
+// invstd); backward:
+// (dy, dW, dgamma, dbeta), the residual's gradient being grad_out and b's zero.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
+    const Tensor& y, const OptionalTensor& residual, const Tensor& weight, const Tensor& bias, const Tensor& gamma,
+    const Tensor& beta, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(const Tensor& grad_out, const Tensor& y,
+                                                                         const Tensor& weight, const Tensor& gamma,
+                                                                         const Tensor& offset, const Tensor& covariance,
+                                                                         const Tensor& invstd);
 
 // Whether the softmax operators take bfloat16 here: built with FASTNL_AVX512_BF16
 // (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the

@@ -73,11 +73,11 @@ TORCH_LIBRARY(fastnl_cpp, m) {
       "concat_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
       "float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "batch_norm_rows_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "projected_batch_norm_forward(Tensor y, Tensor? residual, Tensor weight, Tensor bias, Tensor gamma, "
+      "Tensor beta, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "batch_norm_rows_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor invstd) "
-      "-> (Tensor, Tensor, Tensor)");
+      "projected_batch_norm_backward(Tensor grad_out, Tensor y, Tensor weight, Tensor gamma, Tensor offset, "
+      "Tensor covariance, Tensor invstd) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
@@ -87,6 +87,6 @@ TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
   m.impl("dot_backward", &fastnl::dot_backward);
   m.impl("concat_forward", &fastnl::concat_forward);
   m.impl("concat_backward", &fastnl::concat_backward);
-  m.impl("batch_norm_rows_forward", &fastnl::batch_norm_rows_forward);
-  m.impl("batch_norm_rows_backward", &fastnl::batch_norm_rows_backward);
+  m.impl("projected_batch_norm_forward", &fastnl::projected_batch_norm_forward);
+  m.impl("projected_batch_norm_backward", &fastnl::projected_batch_norm_backward);
 }
