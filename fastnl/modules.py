@@ -197,10 +197,9 @@ class ValueBranch(nn.Module):
         the BatchNorm's batch statistics on CPU rows (fastnl.batch_norm), else W_z on the
         rows and BatchNorm on their channels-last view."""
         weight = _conv_weight(self.W_z)
-        if self.bn is not None and batch_norm.applies(weight, self.W_z.bias, self.bn, y.flatten(0, -2),
-                                                                 residual.flatten(0, -2)):
-            out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, y.flatten(0, -2),
-                                                  residual.flatten(0, -2))
+        rows, residual_rows = y.flatten(0, -2), residual.flatten(0, -2)
+        if self.bn is not None and batch_norm.applies(weight, self.W_z.bias, self.bn, rows, residual_rows):
+            out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows)
             return out.view(residual.shape)
         y = F.linear(y, weight, self.W_z.bias)
         if self.bn is None:
