@@ -40,6 +40,19 @@ def work(size):
     return 2 * pairs * (4 * size["width"] + 3 * size["value_width"]), 2 * pairs
 
 
+def stage_work(size, blocks):
+    """(FLOPs, exps) of a NonlocalStage's `blocks` softmax sums fwd+bwd at `size`, the
+    query and key gradients formed once (fastnl.shared_affinity): per (query, key) pair
+    each forward's q.k and p v; each later backward's q.k and dV; the first backward's
+    q.k, dp (blocks E wide), dV, dK and dQ; an exp in every forward and backward."""
+    pairs = size["batch"] * size["positions"] ** 2
+    width, value_width = size["width"], size["value_width"]
+    forwards = blocks * (width + value_width)
+    later_backwards = (blocks - 1) * (width + value_width)
+    first_backward = 3 * width + (blocks + 1) * value_width
+    return 2 * pairs * (forwards + later_backwards + first_backward), 2 * blocks * pairs
+
+
 def make_inputs(size, requires_grad, dtype=torch.float32):
     generator = torch.Generator().manual_seed(0)
     shapes = [

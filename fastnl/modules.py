@@ -37,6 +37,7 @@ from torch import nn
 
 from fastnl import affinities, batch_norm
 from fastnl.functional import nonlocal_attend
+from fastnl.shared_affinity import SharedAffinity
 
 MODES = {
     "gaussian": "softmax",
@@ -297,7 +298,9 @@ class NonlocalStage(_Nonlocal):
 
     The affinity comes from the stage input X = Z^0 only: theta(X), phi(X) are
     computed once, and for the softmax modes the first block's row log-sum-exp is
-    passed to every later block (a single pass each, no statistics recomputed). With
+    passed to every later block (a single pass each, no statistics recomputed); in
+    training, their query and key gradients are then formed once for all blocks
+    (fastnl.shared_affinity). With
     `sub_sample`, j runs over the pooled positions and the center g^n(Z^n)_i over all.
     """
 
@@ -313,9 +316,15 @@ class NonlocalStage(_Nonlocal):
         self._check_input(x)
         rows, spatial = _rows(x), x.shape[2:]
         query, key = self.affinity(rows, spatial)
+        # training: query and key gradients once for all blocks (fastnl.shared_affinity)
+        shared = SharedAffinity.for_stage(query, key, self.inter_channels, self.affinity.kernel, self.affinity.scale,
+                                          self.backend) if self.num_blocks > 1 else None
         z, log_normalizer = rows, None
         for branch in self.branches:
             value, center = branch.values(z, spatial)
-            y, log_normalizer = self._attend(query, key, value, center, log_normalizer)
+            if shared is not None:
+                y = shared.attend(value, center)
+            else:
+                y, log_normalizer = self._attend(query, key, value, center, log_normalizer)
             z = branch.project(y, spatial, z)
         return self._output(z, x)

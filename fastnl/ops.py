@@ -1,6 +1,7 @@
 """The fused operators as `torch.library` custom ops, with autograd and fake kernels.
 
-The softmax ops (forward without and with a known log_normalizer, backward) serve every
+The softmax ops (forward without and with a known log_normalizer, backward, and the two
+backward halves of a stage's shared affinity: fastnl.shared_affinity) serve every
 softmax-normalised kernel; each mean-normalised kernel of fastnl.affinities gets its own
 forward and backward pair (`mean_ops`). Each takes the backend's name and calls that module
 (`fastnl.backends`); the ops own the contract with PyTorch (shapes, autograd,
@@ -24,13 +25,16 @@ def _contiguous(*tensors):
 
 
 def _call(backend, function, *args):
-    """backends.get(backend).function on contiguous copies of the tensors in `args`,
-    returning contiguous tensors. Autocast is off inside: an op computes in its inputs'
+    """backends.get(backend).function on contiguous copies of the tensors in `args` (and
+    in its lists of tensors), returning contiguous tensors. Autocast is off inside: an op computes in its inputs'
     dtype (fastnl.functional casts them under autocast), and a backend's own products
     in the accumulator dtype stay there."""
-    args = [arg.contiguous() if isinstance(arg, Tensor) else arg for arg in args]
-    with torch.autocast(args[0].device.type, enabled=False):
-        return _contiguous(*getattr(backends.get(backend), function)(*args))
+    args = [arg.contiguous() if isinstance(arg, Tensor) else [t.contiguous() for t in arg] if isinstance(arg, list)
+            else arg for arg in args]
+    device = next(arg for arg in args if isinstance(arg, Tensor)).device
+    with torch.autocast(device.type, enabled=False):
+        result = getattr(backends.get(backend), function)(*args)
+    return _contiguous(*result) if isinstance(result, tuple) else result.contiguous()
 
 
 def _empty(*tensors):
@@ -122,6 +126,35 @@ def _backward_softmax_with_log_normalizer(ctx, grad_out):
     # log_normalizer is a cache of query/key: their gradient is already in dq, dk
     grad_query, grad_key, grad_value, grad_center = _softmax_grads(ctx, grad_out, out, log_normalizer)
     return grad_query, grad_key, grad_value, grad_center, None, None, None
+
+
+@torch.library.custom_op("fastnl::softmax_values_backward", mutates_args=())
+def softmax_values_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, log_normalizer: Tensor, scale: float, backend: str
+) -> Tensor:
+    """grad_value = P^T grad_out alone (a stage's later blocks: fastnl.shared_affinity)."""
+    return _call(backend, "softmax_values_backward", grad_out, query, key, log_normalizer, scale)
+
+
+@softmax_values_backward.register_fake
+def _(grad_out, query, key, log_normalizer, scale, backend):
+    return grad_out.new_empty(key.shape[0], key.shape[1], grad_out.shape[2])
+
+
+@torch.library.custom_op("fastnl::softmax_shared_backward", mutates_args=())
+def softmax_shared_backward(
+    grad_outs: list[Tensor], query: Tensor, key: Tensor, values: list[Tensor], centers: list[Tensor],
+    outs: list[Tensor], log_normalizer: Tensor, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_query, grad_key) of K calls sharing query, key and log_normalizer, and the first
+    call's grad_value (fastnl.shared_affinity); centers empty or one per call."""
+    return _call(backend, "softmax_shared_backward", grad_outs, query, key, values, centers, outs, log_normalizer,
+                 scale)
+
+
+@softmax_shared_backward.register_fake
+def _(grad_outs, query, key, values, centers, outs, log_normalizer, scale, backend):
+    return _empty(query, key, values[0])
 
 
 softmax_forward.register_autograd(_backward_softmax, setup_context=_setup_softmax)

@@ -4,7 +4,7 @@ import torch
 from harness import cpu_backends
 
 import fastnl
-from fastnl import affinities, ops
+from fastnl import affinities, backends, ops
 
 # the mean-normalised kernels, each with its own pair of ops (softmax ones share theirs)
 MEAN_KERNELS = [name for name in affinities.names() if affinities.get(name).normalisation == "mean"]
@@ -44,6 +44,22 @@ def test_opcheck_backward_ops(backend):
         op = ops.mean_ops(kernel)[1]
         query, key, value, center = sample(kernel, requires_grad=False)
         torch.library.opcheck(op, (grad, query, key, value, center, 0.5, backend))
+
+
+def test_opcheck_shared_backward_ops():
+    """The stage's two backward ops (fastnl.shared_affinity), on the backends that have them."""
+    for backend in cpu_backends():
+        if not hasattr(backends.get(backend), "softmax_shared_backward"):
+            continue
+        query, key, value, center = sample("softmax", requires_grad=False)
+        out, log_normalizer = ops.softmax_forward(query, key, value, center, 0.5, backend)
+        grad = torch.randn_like(out)
+        torch.library.opcheck(ops.softmax_values_backward, (grad, query, key, log_normalizer, 0.5, backend))
+        torch.library.opcheck(ops.softmax_shared_backward, ([grad, 2 * grad], query, key, [value, -value],
+                                                            [center, center], [out, out], log_normalizer, 0.5,
+                                                            backend))
+        torch.library.opcheck(ops.softmax_shared_backward, ([grad], query, key, [value], [], [out],
+                                                            log_normalizer, 0.5, backend))
 
 
 def _transposed(tensor):

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <optional>
 #include <tuple>
 
 namespace fastnl {
@@ -20,6 +21,15 @@ std::tuple<Tensor, Tensor> softmax_forward(const Tensor& query, const Tensor& ke
 std::tuple<Tensor, Tensor, Tensor> softmax_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                     const Tensor& value, const OptionalTensor& center,
                                                     const Tensor& out, const Tensor& log_normalizer, double scale);
+// K blocks sharing one affinity (query, key, log_normalizer), each with its value,
+// center (all or none) and out, all (.., E): dQ and dK of all K, and the first block's dV.
+std::tuple<Tensor, Tensor, Tensor> softmax_shared_backward(at::TensorList grad_outs, const Tensor& query,
+                                                           const Tensor& key, at::TensorList values,
+                                                           at::TensorList centers, at::TensorList outs,
+                                                           const Tensor& log_normalizer, double scale);
+// dV = P^T grad_out alone, P = exp(scale q.k - log_normalizer) (B, N, M)
+Tensor softmax_values_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,
+                               const Tensor& log_normalizer, double scale);
 std::tuple<Tensor, Tensor> dot_forward(const Tensor& query, const Tensor& key, const Tensor& value,
                                        const OptionalTensor& center, double scale);
 std::tuple<Tensor, Tensor, Tensor> dot_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key,

@@ -61,6 +61,12 @@ TORCH_LIBRARY(fastnl_cpp, m) {
       "softmax_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? center, "
       "Tensor out, Tensor log_normalizer, float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "softmax_shared_backward(Tensor[] grad_outs, Tensor query, Tensor key, Tensor[] values, Tensor[] centers, "
+      "Tensor[] outs, Tensor log_normalizer, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_values_backward(Tensor grad_out, Tensor query, Tensor key, Tensor log_normalizer, float scale) "
+      "-> Tensor");
+  m.def(
       "dot_forward(Tensor query, Tensor key, Tensor value, Tensor? center, float scale) "
       "-> (Tensor, Tensor)");
   m.def(
@@ -83,6 +89,8 @@ TORCH_LIBRARY(fastnl_cpp, m) {
 TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
   m.impl("softmax_forward", &fastnl::softmax_forward);
   m.impl("softmax_backward", &fastnl::softmax_backward);
+  m.impl("softmax_shared_backward", &fastnl::softmax_shared_backward);
+  m.impl("softmax_values_backward", &fastnl::softmax_values_backward);
   m.impl("dot_forward", &fastnl::dot_forward);
   m.impl("dot_backward", &fastnl::dot_backward);
   m.impl("concat_forward", &fastnl::concat_forward);

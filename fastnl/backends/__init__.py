@@ -16,6 +16,13 @@ contiguous, query (B, N, D), key (B, M, D), value (B, M, E), center (B, N, E) or
         online rescaling) and return it.
     softmax_backward(grad_out, query, key, value, center, out, log_normalizer, scale)
         -> (grad_query, grad_key, grad_value)
+    softmax_values_backward(grad_out, query, key, log_normalizer, scale) -> grad_value
+    softmax_shared_backward(grad_outs, query, key, values, centers, outs, log_normalizer, scale)
+        -> (grad_query, grad_key, grad_value of the first)
+        (optional, both or neither) K calls sharing one query, key and log_normalizer (a
+        stage's blocks): the later K - 1 take only their values' gradient, P^T grad_out,
+        and one call gives dQ and dK of all K at once (lists of the K blocks' tensors;
+        centers empty or K). `fastnl.shared_affinity` uses them where a backend has them.
     NAME_forward(query, key, value, center, scale) -> (out, row_weight)
         for each mean-normalised kernel NAME of fastnl.affinities it implements (dot,
         concat): w_ij its weights, C_i = M; row_weight_i = sum_j w_ij / M (B, N);

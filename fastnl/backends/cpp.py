@@ -227,6 +227,24 @@ def softmax_backward(grad_out, query, key, value, center, out, log_normalizer, s
     return tuple(grad.to(query.dtype) for grad in grads)
 
 
+def softmax_shared_backward(grad_outs, query, key, values, centers, outs, log_normalizer, scale):
+    count = len(grad_outs)
+    operands = _as_softmax_operands(query, key, *grad_outs, *values, *(centers or ()), *outs)
+    query_, key_, rest = operands[0], operands[1], operands[2:]
+    grad_outs_, values_ = rest[:count], rest[count:2 * count]
+    centers_, outs_ = (rest[2 * count:3 * count], rest[3 * count:]) if centers else ([], rest[2 * count:])
+    grads = torch.ops.fastnl_cpp.softmax_shared_backward(grad_outs_, query_, key_, values_, centers_, outs_,
+                                                         _as_statistic(log_normalizer, query_), scale)
+    return tuple(grad.to(query.dtype) for grad in grads)
+
+
+def softmax_values_backward(grad_out, query, key, log_normalizer, scale):
+    grad_out_, query_, key_ = _as_softmax_operands(grad_out, query, key)
+    grad = torch.ops.fastnl_cpp.softmax_values_backward(grad_out_, query_, key_,
+                                                        _as_statistic(log_normalizer, query_), scale)
+    return grad.to(query.dtype)
+
+
 def _mean_forward(op, query, key, value, center, scale):
     out, row_weight = op(*_as_compute(query, key, value, center), scale)
     return out.to(value.dtype), row_weight
