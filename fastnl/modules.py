@@ -24,10 +24,11 @@ Layout: the modules work on position rows (B, N, C), the layout of the nonlocal 
 A channels-last input (`torch.channels_last`, or the 1D/3D equivalent) is such rows
 already, viewed without a copy, and the output is a channels-last view of the result
 rows; any other input (contiguous, or strided otherwise) is copied into rows once and
-the result copied back once into a contiguous tensor. Between the two, every 1x1 convolution is a GEMM on
-the rows (`F.linear` with the convolution's own weight, so the parameters keep their
-names and shapes and old checkpoints load as they are), theta and phi are one GEMM, and
-BatchNorm and max-pooling run on channels-last views of the rows.
+the result copied back once into a contiguous tensor. Between the two, every 1x1
+convolution is a GEMM on the rows (`F.linear` with the convolution's own weight, so the
+parameters keep their names and shapes and old checkpoints load as they are), theta,
+phi and the first block's g are one GEMM, and BatchNorm and max-pooling run on
+channels-last views of the rows.
 """
 import math
 
@@ -151,23 +152,28 @@ class Affinity(nn.Module):
         else:
             self.scale = 1.0 / math.sqrt(width) if use_scale and softmax else 1.0
 
-    def forward(self, rows, spatial):
-        """rows (B, N, C) on the grid `spatial` -> query (B, N, D), key (B, M, D)."""
+    def forward(self, rows, spatial, branch=None):
+        """rows (B, N, C) on the grid `spatial` -> query (B, N, D), key (B, M, D), and with a
+        ValueBranch `branch` its (value, center) of the same rows (ValueBranch.values)."""
         if isinstance(self.theta, nn.Identity):
             theta = phi = rows
+            values = branch.values(rows, spatial) if branch is not None else ()
         else:
-            # theta and phi as one GEMM (B, N, 2C'); its halves made contiguous once here,
-            # not by every operator call of a stage
+            # theta, phi (and the branch's g) as one GEMM (B, N, 2C' or 3C'); its parts made
+            # contiguous once here, not by every operator call of a stage
             phi_conv = self.phi[0] if self.pool is not None else self.phi
-            weight = torch.cat([_conv_weight(self.theta), _conv_weight(phi_conv)])
-            both = F.linear(rows, weight, torch.cat([self.theta.bias, phi_conv.bias]))
-            theta, phi = (half.contiguous() for half in both.split(both.shape[-1] // 2, dim=-1))
+            convs = [self.theta, phi_conv] + ([branch.g] if branch is not None else [])
+            weight = torch.cat([_conv_weight(conv) for conv in convs])
+            embedded = F.linear(rows, weight, torch.cat([conv.bias for conv in convs]))
+            parts = [part.contiguous() for part in embedded.split([conv.out_channels for conv in convs], dim=-1)]
+            theta, phi = parts[:2]
+            values = branch.pooled(parts[2], spatial) if branch is not None else ()
         if self.pool is not None:
             phi, _ = _pool_rows(self.pool, phi, spatial)
         if self.kernel == "concat":
             theta = F.linear(theta, _conv_weight(self.project_query))
             phi = F.linear(phi, _conv_weight(self.project_key))
-        return theta, phi
+        return (theta, phi, *values)
 
 
 class ValueBranch(nn.Module):
@@ -190,7 +196,10 @@ class ValueBranch(nn.Module):
 
     def values(self, rows, spatial):
         """rows (B, N, C) -> (value (B, M, C') at the pooled positions, center (B, N, C'))."""
-        center = F.linear(rows, _conv_weight(self.g), self.g.bias)
+        return self.pooled(F.linear(rows, _conv_weight(self.g), self.g.bias), spatial)
+
+    def pooled(self, center, spatial):
+        """g's rows (B, N, C') -> (value at the pooled positions, center)."""
         return (_pool_rows(self.pool, center, spatial)[0] if self.pool is not None else center), center
 
     def project(self, y, spatial, residual):
@@ -284,9 +293,8 @@ class NonlocalBlock(_Nonlocal):
     def forward(self, x):
         self._check_input(x)
         rows, spatial = _rows(x), x.shape[2:]
-        query, key = self.affinity(rows, spatial)
         branch = self.branches[0]
-        value, _ = branch.values(rows, spatial)
+        query, key, value, _ = self.affinity(rows, spatial, branch)
         y, _ = self._attend(query, key, value)
         return self._output(branch.project(y, spatial, rows), x)
 
@@ -315,13 +323,13 @@ class NonlocalStage(_Nonlocal):
     def forward(self, x):
         self._check_input(x)
         rows, spatial = _rows(x), x.shape[2:]
-        query, key = self.affinity(rows, spatial)
+        query, key, *first_values = self.affinity(rows, spatial, self.branches[0])  # the first g from X too
         # training: query and key gradients once for all blocks (fastnl.shared_affinity)
         shared = SharedAffinity.for_stage(query, key, self.inter_channels, self.affinity.kernel, self.affinity.scale,
                                           self.backend) if self.num_blocks > 1 else None
         z, log_normalizer = rows, None
-        for branch in self.branches:
-            value, center = branch.values(z, spatial)
+        for index, branch in enumerate(self.branches):
+            value, center = first_values if index == 0 else branch.values(z, spatial)
             if shared is not None:
                 y = shared.attend(value, center)
             else:
