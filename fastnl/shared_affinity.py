@@ -7,7 +7,10 @@ exps, K times. dS is linear in dP = dO V^T and in delta, so the blocks' sums mak
 dS. Here the later blocks' backwards take only their values' gradient, P^T dO_k (one
 product and the exps), and hand dO_k, V_k, O_k on to the first block's, which gives dQ
 and dK of all K in one pass (the backend's `softmax_shared_backward`: the blocks' dO and
-V side by side in dP).
+V side by side in dP). Backward products: 3K + 2 instead of 5K. `NonlocalStage(32,
+num_blocks=3)` fwd+bwd at B=128, 16x16 (Zen 4, paired): 1.16x faster under bf16
+autocast, 1.14x in float32; its sums' backwards alone 19.6 -> 14.0 ms (bf16) and 33.0
+-> 21.9 ms (float32).
 
 The first block's backward must run after the later blocks' whose gradients it adds:
 the blocks are chained, as in the stage, where every later block's value depends on the
@@ -16,6 +19,7 @@ that it reaches at all. A later block autograd does not reach (a gradient of an 
 output alone, say) adds nothing, rightly: what is differentiated does not depend on it.
 Unchained blocks would lose the dQ, dK of a later block run after the first, which is
 why this is the stage's tool and not a public function.
+
 The blocks share state across one backward, which torch.compile cannot trace:
 compiled, and for backends without the two operators, a stage calls
 `nonlocal_attend` per block as before. Same result either way, up to rounding: here
