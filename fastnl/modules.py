@@ -202,19 +202,27 @@ class ValueBranch(nn.Module):
         """g's rows (B, N, C') -> (value at the pooled positions, center)."""
         return (_pool_rows(self.pool, center, spatial)[0] if self.pool is not None else center), center
 
-    def project(self, y, spatial, residual):
-        """(B, N, C') -> rows (B, N, C): residual + BatchNorm(W_z y), in one operator with
+    def project(self, y, spatial, residual, following=None):
+        """(B, N, C') -> rows z (B, N, C): residual + BatchNorm(W_z y), in one operator with
         the BatchNorm's batch statistics on CPU rows (fastnl.batch_norm), else W_z on the
-        rows and BatchNorm on their channels-last view."""
+        rows and BatchNorm on their channels-last view. With `following` (the next block's
+        branch) -> (z, following.values(z)), the values from the same operator where it runs."""
         weight = _conv_weight(self.W_z)
         rows, residual_rows = y.flatten(0, -2), residual.flatten(0, -2)
         if self.bn is not None and batch_norm.applies(weight, self.W_z.bias, self.bn, rows, residual_rows):
-            out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows)
-            return out.view(residual.shape)
+            if following is None or following.g.weight.dtype != weight.dtype:
+                out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows)
+                out = out.view(residual.shape)
+                return out if following is None else (out, following.values(out, spatial))
+            out, center = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows,
+                                                          _conv_weight(following.g), following.g.bias)
+            return out.view(residual.shape), following.pooled(center.view(*residual.shape[:-1], -1), spatial)
         y = F.linear(y, weight, self.W_z.bias)
         if self.bn is None:
-            return residual + y
-        return residual + _rows(self.bn(_spatial(y, spatial)))
+            out = residual + y
+        else:
+            out = residual + _rows(self.bn(_spatial(y, spatial)))
+        return out if following is None else (out, following.values(out, spatial))
 
     def weight_product(self):
         """W_z W_g (C, C) with BatchNorm folded into W_z (its scale; biases dropped)."""
@@ -327,12 +335,14 @@ class NonlocalStage(_Nonlocal):
         # training: query and key gradients once for all blocks (fastnl.shared_affinity)
         shared = SharedAffinity.for_stage(query, key, self.inter_channels, self.affinity.kernel, self.affinity.scale,
                                           self.backend) if self.num_blocks > 1 else None
-        z, log_normalizer = rows, None
+        z, log_normalizer, (value, center) = rows, None, first_values
         for index, branch in enumerate(self.branches):
-            value, center = first_values if index == 0 else branch.values(z, spatial)
             if shared is not None:
                 y = shared.attend(value, center)
             else:
                 y, log_normalizer = self._attend(query, key, value, center, log_normalizer)
-            z = branch.project(y, spatial, z)
+            if index + 1 < self.num_blocks:  # the next block's g from the same operator as z
+                z, (value, center) = branch.project(y, spatial, z, self.branches[index + 1])
+            else:
+                z = branch.project(y, spatial, z)
         return self._output(z, x)

@@ -131,6 +131,74 @@ def test_running_statistics_follow_batch_norm_over_steps(momentum):
     assert ours.num_batches_tracked.item() == 3
 
 
+def next_truth(bn, weight, bias, rows, residual, grad, next_weight, next_bias, grad_next):
+    """(out, next values) of the projection, nn.BatchNorm and the next projection in float64,
+    and the gradients of (rows, weight, BatchNorm weight, BatchNorm bias, residual, next
+    weight, next bias)."""
+    bn = _copy(bn).double()
+    leaves = [t.double().requires_grad_() for t in (rows, weight, bias, residual, next_weight, next_bias)]
+    out = bn(leaves[0] @ leaves[1].t() + leaves[2]) + leaves[3]
+    following = out @ leaves[4].t() + leaves[5]
+    wanted = [leaves[0], leaves[1], bn.weight, bn.bias, leaves[3], leaves[4], leaves[5]]
+    return [out, following], torch.autograd.grad([out, following], wanted, [grad.double(), grad_next.double()])
+
+
+NEXT_NAMES = ["out", "next values", "grad_rows", "grad_weight", "grad_bn_weight", "grad_bn_bias", "grad_residual",
+              "grad_next_weight", "grad_next_bias"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_the_next_values_match_the_unfused_branch(dtype, shape):
+    """With the next block's values (out W_next^T + b_next) from the same operator: both
+    outputs and every gradient against the three layers in float64, within the dtype's
+    tolerance; the gradient reaching out sums both its uses."""
+    rows, res, grad, weight, bias, bn = make(shape, dtype)
+    generator = torch.Generator().manual_seed(1)
+    width = max(1, shape[1] - 1)  # another width than the rows'
+    next_weight = torch.randn(width, shape[2], generator=generator, dtype=torch.float64) / shape[2] ** 0.5
+    next_bias = torch.randn(width, generator=generator, dtype=torch.float64)
+    grad_next = torch.randn(shape[0], width, generator=generator, dtype=torch.float64).to(dtype)
+    expected_outs, expected_grads = next_truth(bn, weight, bias, rows, res, grad, next_weight, next_bias, grad_next)
+    statistics = backends.accumulate_dtype(dtype)
+    got_bn = _copy(bn).to(statistics)
+    leaves = [rows.clone().requires_grad_(), *(t.to(statistics).requires_grad_() for t in (weight, bias)),
+              res.clone().requires_grad_(), *(t.to(statistics).requires_grad_() for t in (next_weight, next_bias))]
+    outs = batch_norm.projected_batch_norm(leaves[1], leaves[2], got_bn, leaves[0], leaves[3], leaves[4], leaves[5])
+    assert [out.dtype for out in outs] == [dtype, dtype]
+    grads = torch.autograd.grad(outs, [leaves[0], leaves[1], got_bn.weight, got_bn.bias, *leaves[3:]],
+                                [grad, grad_next])
+    for name, got, exact in zip(NEXT_NAMES, [*outs, *grads], [*expected_outs, *expected_grads]):
+        error = (got.double() - exact).abs().max().item() / exact.abs().max().item()
+        assert error <= TOLERANCE.get(dtype, 1e-12), f"{name}: relative error {error:.2e}"
+
+
+def test_unused_next_values_leave_the_residual_its_gradient():
+    rows, res, grad, weight, bias, bn = make((50, 4, 6), torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (rows, res)]
+    next_weight, next_bias = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    out, _ = batch_norm.projected_batch_norm(weight, bias, bn, leaves[0], leaves[1], next_weight, next_bias)
+    grad_rows, grad_residual = torch.autograd.grad(out, leaves, grad)
+    expected_rows = torch.autograd.grad(batch_norm.projected_batch_norm(weight, bias, _copy(bn), leaves[0], leaves[1]),
+                                        leaves[0], grad)[0]
+    torch.testing.assert_close(grad_residual, grad, rtol=0, atol=0)
+    torch.testing.assert_close(grad_rows, expected_rows, rtol=0, atol=0)
+
+
+def test_gradcheck_with_the_next_values():
+    rows, res, _, weight, bias, bn = make((30, 3, 5), torch.float64)
+
+    def function(rows, residual, weight, gamma, beta, next_weight, next_bias):
+        out, following, *_ = batch_norm._forward(rows, residual, weight, bias, gamma, beta, bn.eps, next_weight,
+                                                 next_bias)
+        return out, following
+
+    inputs = [t.detach().clone().requires_grad_() for t in (rows, res, weight, bn.weight, bn.bias)]
+    inputs += [torch.randn(2, 5, dtype=torch.float64, requires_grad=True),
+               torch.randn(2, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(function, inputs)
+
+
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "alone"])
 def test_gradcheck_float64(residual):
     rows, res, _, weight, bias, bn = make((40, 3, 5), torch.float64, residual)
@@ -228,10 +296,17 @@ def test_opcheck(residual):
     leaf = rows.requires_grad_()
     arguments = (leaf, res, weight, bias, gamma, beta, 1e-5)
     torch.library.opcheck(batch_norm._forward, arguments)
-    _, _, _, offset, covariance, invstd = batch_norm._forward(*(a.detach() if torch.is_tensor(a) else a
-                                                              for a in arguments))
+    _, _, _, _, offset, covariance, invstd = batch_norm._forward(*(a.detach() if torch.is_tensor(a) else a
+                                                                 for a in arguments))
     torch.library.opcheck(batch_norm._backward, (grad, rows.detach(), weight.detach(), gamma.detach(), offset,
                                                  covariance, invstd))
+    # with the next block's values
+    next_weight, next_bias = torch.randn(4, 6, requires_grad=True), torch.randn(4, requires_grad=True)
+    torch.library.opcheck(batch_norm._forward, (*arguments, next_weight, next_bias))
+    out, _, _, _, offset, covariance, invstd = batch_norm._forward(
+        *(a.detach() if torch.is_tensor(a) else a for a in arguments), next_weight.detach(), next_bias.detach())
+    torch.library.opcheck(batch_norm._backward, (grad, rows.detach(), weight.detach(), gamma.detach(), offset,
+                                                 covariance, invstd, torch.randn(300, 4), out, next_weight.detach()))
 
 
 def test_a_training_stage_compiles_without_graph_breaks():

@@ -7,6 +7,8 @@
 // and nn.BatchNorm write u and read it twice more each way, this is two passes over y.
 // At the model's rows (32768, 16 -> 32), fwd+bwd of the stage's three blocks: 1.09x in
 // float32, 1.00x in bfloat16 (paired, against the projection and a fused BatchNorm).
+// In a stage it also projects out into the next block's values (next_values_kernel),
+// and its backward sums the gradient of out over both uses (next_values_backward_kernel).
 //
 // Rows are contiguous: the products keep kCross (or 8 x 2) vector accumulators in
 // registers and stream the rows through broadcast FMAs. The reductions sum the rows in
@@ -217,6 +219,28 @@ void forward_kernel(const T* y, const T* residual, const A* weight, const A* bia
                        R, E, 0, C);
 }
 
+// The next block's values out W_next^T + b_next (next_weight (F, C)), from out as stored.
+template <typename T, typename A>
+void next_values_kernel(const T* out, const A* next_weight, const A* next_bias, T* next_values, int64_t R, int64_t C,
+                        int64_t F) {
+  Buffer<A> transposed(C * F);
+  for (int64_t f = 0; f < F; ++f)
+    for (int64_t c = 0; c < C; ++c) transposed[c * F + f] = next_weight[f * C + c];
+  project_kernel<T, A>(out, nullptr, transposed.data(), next_bias, nullptr, nullptr, nullptr, nullptr, next_values, R,
+                       C, 0, F);
+}
+
+// The gradient reaching out (R, C) from both its uses: grad_out, and through the next
+// block's values, grad_next_values W_next; and W_next's and b_next's own.
+template <typename T, typename A>
+void next_values_backward_kernel(const T* grad_out, const T* grad_next_values, const T* out, const A* next_weight,
+                                 T* grad_total, A* grad_next_weight, A* grad_next_bias, int64_t R, int64_t C,
+                                 int64_t F) {
+  project_kernel<T, A>(grad_next_values, nullptr, next_weight, nullptr, nullptr, nullptr, nullptr, grad_out, grad_total,
+                       R, F, 0, C);
+  moments_kernel<T, A>(grad_next_values, nullptr, out, nullptr, grad_next_bias, grad_next_weight, R, F, C);
+}
+
 // BatchNorm's backward through u = y W^T + b, with g = grad_out and xhat = (u - mean)
 // invstd: du = s (g - sum g / R - xhat sum(g xhat) / R). Its sums over rows come from
 // g^T (y - y0); dy = du W = g (s W) + (y - y0) M + c, and dW = du^T y from the same
@@ -271,9 +295,9 @@ void check_rows(const char* name, const Tensor& t) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
     const Tensor& y, const OptionalTensor& residual, const Tensor& weight, const Tensor& bias, const Tensor& gamma,
-    const Tensor& beta, double eps) {
+    const Tensor& beta, double eps, const OptionalTensor& next_weight, const OptionalTensor& next_bias) {
   check_rows("y", y);
   const int64_t R = y.size(0), E = y.size(1), C = weight.size(0);
   TORCH_CHECK(R > 1, "batch statistics need more than one row, got ", R);
@@ -283,9 +307,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_
   for (const auto& [name, t] : {std::pair{"bias", bias}, std::pair{"gamma", gamma}, std::pair{"beta", beta}})
     check_like(name, t, {C}, statistics);
   if (residual) check_like("residual", *residual, {R, C}, y.scalar_type());
+  TORCH_CHECK(next_weight.has_value() == next_bias.has_value(), "next_weight and next_bias go together");
+  const int64_t F = next_weight ? next_weight->size(0) : 0;
+  if (next_weight) {
+    TORCH_CHECK(next_weight->dim() == 2, "next_weight must be (F, C), got shape ", next_weight->sizes());
+    check_like("next_weight", *next_weight, {F, C}, statistics);
+    check_like("next_bias", *next_bias, {F}, statistics);
+  }
   const auto options = weight.options();
   Tensor out = at::empty({R, C}, y.options()), u_mean = at::empty({C}, options), var = at::empty({C}, options);
   Tensor offset = at::empty({E}, options), covariance = at::empty({E, E}, options), invstd = at::empty({C}, options);
+  Tensor next_values = at::empty({next_weight ? R : 0, F}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "fastnl_cpp::projected_batch_norm_forward", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_kernel<scalar_t, A>(y.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
@@ -293,14 +325,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_
                                 beta.const_data_ptr<A>(), eps, out.data_ptr<scalar_t>(), u_mean.data_ptr<A>(),
                                 var.data_ptr<A>(), offset.data_ptr<A>(), covariance.data_ptr<A>(), invstd.data_ptr<A>(),
                                 R, E, C);
+    if (next_weight)
+      next_values_kernel<scalar_t, A>(out.const_data_ptr<scalar_t>(), next_weight->const_data_ptr<A>(),
+                                      next_bias->const_data_ptr<A>(), next_values.data_ptr<scalar_t>(), R, C, F);
   });
-  return {out, u_mean, var, offset, covariance, invstd};
+  return {out, next_values, u_mean, var, offset, covariance, invstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(const Tensor& grad_out, const Tensor& y,
-                                                                         const Tensor& weight, const Tensor& gamma,
-                                                                         const Tensor& offset, const Tensor& covariance,
-                                                                         const Tensor& invstd) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(
+    const Tensor& grad_out, const Tensor& y, const Tensor& weight, const Tensor& gamma, const Tensor& offset,
+    const Tensor& covariance, const Tensor& invstd, const OptionalTensor& grad_next_values, const OptionalTensor& out,
+    const OptionalTensor& next_weight) {
   check_rows("y", y);
   const int64_t R = y.size(0), E = y.size(1), C = weight.size(0);
   const auto statistics = accumulate_type(y.scalar_type());
@@ -310,17 +345,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(const T
   check_like("offset", offset, {E}, statistics);
   check_like("covariance", covariance, {E, E}, statistics);
   check_like("invstd", invstd, {C}, statistics);
+  const bool next = grad_next_values.has_value();
+  TORCH_CHECK(next == out.has_value() && next == next_weight.has_value(),
+              "grad_next_values, out and next_weight go together");
+  const int64_t F = next ? next_weight->size(0) : 0;
+  if (next) {
+    TORCH_CHECK(next_weight->dim() == 2, "next_weight must be (F, C), got shape ", next_weight->sizes());
+    check_like("next_weight", *next_weight, {F, C}, statistics);
+    check_like("grad_next_values", *grad_next_values, {R, F}, y.scalar_type());
+    check_like("out", *out, {R, C}, y.scalar_type());
+  }
   Tensor grad_y = at::empty_like(y), grad_weight = at::empty_like(weight), grad_gamma = at::empty_like(gamma);
-  Tensor grad_beta = at::empty_like(gamma);
+  // grad_total: the gradient reaching out, where the next block's values are taken from it
+  Tensor grad_beta = at::empty_like(gamma), grad_total = at::empty({next ? R : 0, C}, grad_out.options());
+  Tensor grad_next_weight = at::empty({F, next ? C : 0}, weight.options()),
+         grad_next_bias = at::empty({F}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "fastnl_cpp::projected_batch_norm_backward", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_kernel<scalar_t, A>(grad_out.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                 weight.const_data_ptr<A>(), gamma.const_data_ptr<A>(), offset.const_data_ptr<A>(),
-                                 covariance.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
+    if (next)
+      next_values_backward_kernel<scalar_t, A>(
+          grad_out.const_data_ptr<scalar_t>(), grad_next_values->const_data_ptr<scalar_t>(),
+          out->const_data_ptr<scalar_t>(), next_weight->const_data_ptr<A>(), grad_total.data_ptr<scalar_t>(),
+          grad_next_weight.data_ptr<A>(), grad_next_bias.data_ptr<A>(), R, C, F);
+    backward_kernel<scalar_t, A>((next ? grad_total : grad_out).const_data_ptr<scalar_t>(),
+                                 y.const_data_ptr<scalar_t>(), weight.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
+                                 offset.const_data_ptr<A>(), covariance.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
                                  grad_y.data_ptr<scalar_t>(), grad_weight.data_ptr<A>(), grad_gamma.data_ptr<A>(),
                                  grad_beta.data_ptr<A>(), R, E, C);
   });
-  return {grad_y, grad_weight, grad_gamma, grad_beta};
+  return {grad_y, grad_weight, grad_gamma, grad_beta, grad_total, grad_next_weight, grad_next_bias};
 }
 
 }  // namespace fastnl

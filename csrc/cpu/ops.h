@@ -42,17 +42,20 @@ std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const
 // The nonlocal modules' W_z branch in training (batch_norm.cpp): residual +
 // BatchNorm(y W^T + b) with batch statistics, over rows y (R, E) of float32, float64 or
 // bfloat16, residual (R, C) like y or none, and W (C, E), b, gamma, beta (C) and every
-// statistic in the accumulation dtype (float32, float64 for float64 rows). Forward:
-// (out, u's mean and biased variance, y's mean less its first row, y's covariance,
-// invstd); backward:
-// (dy, dW, dgamma, dbeta), the residual's gradient being grad_out and b's zero.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
+// statistic in the accumulation dtype (float32, float64 for float64 rows). With
+// next_weight (F, C) and next_bias (F), also the next block's values out W_next^T +
+// b_next (R, F), from the same operator. Forward: (out, the next values ((0, F) without
+// them), u's mean and biased variance, y's mean less its first row, y's covariance,
+// invstd); backward: (dy, dW, dgamma, dbeta, the gradient reaching out from both its
+// uses, dW_next, db_next: the last three empty without the next values, the residual's
+// gradient then being grad_out), b's gradient being zero.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
     const Tensor& y, const OptionalTensor& residual, const Tensor& weight, const Tensor& bias, const Tensor& gamma,
-    const Tensor& beta, double eps);
-std::tuple<Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(const Tensor& grad_out, const Tensor& y,
-                                                                         const Tensor& weight, const Tensor& gamma,
-                                                                         const Tensor& offset, const Tensor& covariance,
-                                                                         const Tensor& invstd);
+    const Tensor& beta, double eps, const OptionalTensor& next_weight, const OptionalTensor& next_bias);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(
+    const Tensor& grad_out, const Tensor& y, const Tensor& weight, const Tensor& gamma, const Tensor& offset,
+    const Tensor& covariance, const Tensor& invstd, const OptionalTensor& grad_next_values, const OptionalTensor& out,
+    const OptionalTensor& next_weight);
 
 // Whether the softmax operators take bfloat16 here: built with FASTNL_AVX512_BF16
 // (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the
