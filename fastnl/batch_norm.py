@@ -8,10 +8,13 @@ folded into its weight: out = residual + y (s W)^T + t, s = gamma / std, t = bet
 s W mean(y). The backward's sums over rows are grad^T y, and the gradient of y is again
 a projection: grad (s W) + y M + c. Two passes over the narrow rows each way, in one
 C++ operator each (csrc/cpu/batch_norm.cpp), where the projection and nn.BatchNorm
-write u and pass over it twice more. Sums and statistics are float32 (float64 for float64 rows),
-with the projections in float32 too, so bfloat16 rows lose no more than their own
-rounding. y is centred on its first row before its products are summed, so a mean far
-from zero costs no digits (E[y y^T] - mean mean^T would lose them all).
+write u and pass over it twice more. Sums and statistics are float32 (float64 for float64 rows).
+The projections of bfloat16 rows run on the CPU's bf16 products (vdpbf16ps) where the
+softmax kernels' do (`fastnl.backends.cpp.bfloat16_path()`): their operands rounded to
+bfloat16, as a matmul under autocast rounds them, products and sums float32 (stage
+fwd+bwd 1.03-1.04x under bf16 autocast, paired); elsewhere in float32. y is centred on
+its first row before its products are summed, so a mean far from zero costs no digits
+(E[y y^T] - mean mean^T would lose them all).
 
 In a stage, the operator also gives the next block's values g(out) = out W_g^T + b_g
 from the out it has just written, and its backward adds their gradient to the one
@@ -33,7 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from fastnl import backends
-from fastnl.backends import accumulate_dtype
+from fastnl.backends import accumulate_dtype, cpp
+
+
+def _bfloat16_products(rows):
+    """Whether bfloat16 rows are projected on bf16 products: where the softmax kernels' are."""
+    return rows.dtype == torch.bfloat16 and cpp.bfloat16_path() in ("amx", "avx512-bf16")
 
 
 @torch.library.custom_op("fastnl::projected_batch_norm", mutates_args=())
@@ -44,7 +52,7 @@ def _forward(rows: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Ten
     next_weight^T + next_bias ((0, 0) without them), u's mean and biased variance, the
     rows' mean less their first row, their covariance, invstd)."""
     return tuple(torch.ops.fastnl_cpp.projected_batch_norm_forward(rows, residual, weight, bias, gamma, beta, eps,
-                                                                   next_weight, next_bias))
+                                                                   next_weight, next_bias, _bfloat16_products(rows)))
 
 
 @_forward.register_fake
@@ -63,7 +71,8 @@ def _backward(grad_out: Tensor, rows: Tensor, weight: Tensor, gamma: Tensor, off
     """-> (grad_rows, grad_weight, grad_gamma, grad_beta, and with the next values: the
     gradient reaching out from both its uses, grad_next_weight, grad_next_bias)."""
     return tuple(torch.ops.fastnl_cpp.projected_batch_norm_backward(grad_out, rows, weight, gamma, offset, covariance,
-                                                                    invstd, grad_next_values, out, next_weight))
+                                                                    invstd, grad_next_values, out, next_weight,
+                                                                    _bfloat16_products(rows)))
 
 
 @_backward.register_fake

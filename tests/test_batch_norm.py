@@ -8,6 +8,7 @@ from torch import nn
 
 import fastnl
 from fastnl import backends, batch_norm
+from fastnl.backends import cpp
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
@@ -171,6 +172,38 @@ def test_the_next_values_match_the_unfused_branch(dtype, shape):
     for name, got, exact in zip(NEXT_NAMES, [*outs, *grads], [*expected_outs, *expected_grads]):
         error = (got.double() - exact).abs().max().item() / exact.abs().max().item()
         assert error <= TOLERANCE.get(dtype, 1e-12), f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("products", ["bfloat16", "float32"])
+def test_bfloat16_rows_either_way(products, monkeypatch):
+    """bfloat16 rows projected on vdpbf16ps (where the softmax kernels' products are bf16)
+    or in float32: both within bfloat16's tolerance of the float64 branch, with the next
+    values too, and bitwise the same for 1 and 2 threads."""
+    if products == "bfloat16" and not batch_norm._bfloat16_products(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip(f"bfloat16 rows are projected in float32 here: {cpp.bfloat16_path()}")
+    if products == "float32":
+        monkeypatch.setattr(batch_norm, "_bfloat16_products", lambda rows: False)
+    rows, res, grad, weight, bias, bn = make((3000, 17, 33), torch.bfloat16)
+    expected_out, expected_grads, _ = truth(bn, weight, bias, rows, res, grad)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out, grads, _ = fused(bn, weight, bias, rows, res, grad)
+            results.append([out, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert_matches(torch.bfloat16, results[0], (expected_out, *expected_grads), expected_grads[1].abs().max().item())
+
+
+def test_bfloat16_products_are_not_the_float32_projection(monkeypatch):
+    if not batch_norm._bfloat16_products(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip(f"bfloat16 rows are projected in float32 here: {cpp.bfloat16_path()}")
+    rows, res, grad, weight, bias, bn = make((500, 16, 32), torch.bfloat16)
+    native = fused(bn, weight, bias, rows, res, grad)[0]
+    monkeypatch.setattr(batch_norm, "_bfloat16_products", lambda rows: False)
+    assert not torch.equal(native, fused(bn, weight, bias, rows, res, grad)[0])
 
 
 def test_unused_next_values_leave_the_residual_its_gradient():

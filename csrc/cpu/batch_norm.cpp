@@ -14,7 +14,9 @@
 // registers and stream the rows through broadcast FMAs. The reductions sum the rows in
 // fixed chunks and the chunks' sums in chunk order: bitwise identical results for any
 // thread count. Sums, statistics and projections are float32 (float64 for float64
-// rows); bfloat16 rows are converted as they are read.
+// rows); bfloat16 rows are converted as they are read, or with bfloat16_products their
+// projections run on vdpbf16ps (Product<BFloat16>; the Python side chooses as for the
+// softmax kernels).
 #include "ops.h"
 #include "tile_math.h"
 
@@ -111,11 +113,14 @@ void moments_kernel(const T* a, const A* a_shift, const T* b, const A* b_shift, 
 // rows of ldw (whole vectors: a masked load in the loop would split it in two paths,
 // and GCC then keeps the sums in memory), bias (Q) or null, added (ROWS, Q) or null
 // (it may be out itself). Each k is VECS vectors of weight and ROWS x VECS FMAs,
-// independent sums so that no FMA waits on the last.
-template <int ROWS, int VECS, typename A>
-void project_block(const A* x, int64_t P, const A* weight, int64_t ldw, const A* bias, const A* added, A* out,
+// independent sums so that no FMA waits on the last. The operands are Op, read as
+// Product<Op> says: A itself, or bfloat16 pairs of k on vdpbf16ps (weight packed in
+// pairs of rows, pack_rows), with float sums.
+template <int ROWS, int VECS, typename Op, typename A>
+void project_block(const Op* x, int64_t P, const Op* weight, int64_t ldw, const A* bias, const A* added, A* out,
                    int64_t Q, int64_t c, int64_t n) {
-  constexpr int64_t L = Vec<A>::size();
+  using Operands = Product<Op>;
+  constexpr int64_t L = Vec<A>::size(), G = Operands::kGroup;
   const auto lanes = [&](int v) { return v == VECS - 1 ? n : L; };
   Vec<A> acc[ROWS][VECS];
   for (int v = 0; v < VECS; ++v) {
@@ -123,12 +128,22 @@ void project_block(const A* x, int64_t P, const A* weight, int64_t ldw, const A*
     for (int r = 0; r < ROWS; ++r)
       acc[r][v] = added ? shift + Vec<A>::loadu(added + r * Q + c + v * L, lanes(v)) : shift;
   }
-  for (int64_t p = 0; p < P; ++p) {
-    Vec<A> row[VECS];
-    for (int v = 0; v < VECS; ++v) row[v] = in_register(Vec<A>::loadu(weight + p * ldw + c + v * L));
+  for (int64_t g = 0; g < P / G; ++g) {
+    typename Operands::Operand row[VECS];
+    for (int v = 0; v < VECS; ++v) row[v] = in_register(Operands::load(weight + (g * ldw + c + v * L) * G));
     for (int r = 0; r < ROWS; ++r) {
-      const Vec<A> coefficient(x[r * P + p]);
-      for (int v = 0; v < VECS; ++v) acc[r][v] = at::vec::fmadd(coefficient, row[v], acc[r][v]);
+      const auto coefficient = Operands::broadcast(x + r * P + g * G);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = Operands::multiply_add(coefficient, row[v], acc[r][v]);
+    }
+  }
+  if constexpr (G > 1) {
+    if (P % G) {  // the last k alone: its pair's other half is zero in the packed weight
+      typename Operands::Operand row[VECS];
+      for (int v = 0; v < VECS; ++v) row[v] = Operands::load(weight + (P / G * ldw + c + v * L) * G);
+      for (int r = 0; r < ROWS; ++r) {
+        const auto coefficient = Operands::broadcast_first(x + r * P + P / G * G);
+        for (int v = 0; v < VECS; ++v) acc[r][v] = Operands::multiply_add(coefficient, row[v], acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r)
@@ -140,8 +155,8 @@ void project_block(const A* x, int64_t P, const A* weight, int64_t ldw, const A*
 // blocks. matmul_tile itself needs C padded and initialised apart, then copied out:
 // the backward (E = 16) took 0.94-1.05 ms with it against 0.59-0.79 with these blocks.
 constexpr int kProjectRows = 8;
-template <typename A>
-void project_rows_of(int64_t rows, const A* x, int64_t P, const A* weight, int64_t ldw, const A* bias, const A* added,
+template <typename Op, typename A>
+void project_rows_of(int64_t rows, const Op* x, int64_t P, const Op* weight, int64_t ldw, const A* bias, const A* added,
                      A* out, int64_t Q) {
   constexpr int64_t L = Vec<A>::size();
   const auto columns = [&](auto block_rows, int64_t r) {
@@ -157,13 +172,69 @@ void project_rows_of(int64_t rows, const A* x, int64_t P, const A* weight, int64
   for (; r < rows; ++r) columns(std::integral_constant<int, 1>(), r);
 }
 
+#if defined(FASTNL_AVX512_BF16)
+using BFloat16 = c10::BFloat16;
+
+// The rows [r, r + rows) of x (R, P) less `shift` (P) where given, rounded to bfloat16
+// in `scratch`; without a shift, x's own rows.
+inline const BFloat16* bfloat16_rows(const BFloat16* x, int64_t r, int64_t rows, int64_t P, const float* shift,
+                                     Buffer<float>& row, Buffer<BFloat16>& scratch) {
+  constexpr int64_t L = Vec<float>::size();
+  if (!shift) return x + r * P;
+  for (int64_t i = 0; i < rows; ++i) {
+    at::vec::convert(x + (r + i) * P, row.data(), P);
+    for (int64_t c = 0; c < P; c += L) {
+      const int64_t n = std::min(L, P - c);
+      (Vec<float>::loadu(row.data() + c, n) - Vec<float>::loadu(shift + c, n)).store(row.data() + c, n);
+    }
+    at::vec::convert(row.data(), scratch.data() + i * P, P);
+  }
+  return scratch.data();
+}
+
+// weight (P, Q) rounded to bfloat16, in pairs of rows ldw lanes wide (pack_rows)
+inline Buffer<BFloat16> bfloat16_pairs(const float* weight, int64_t P, int64_t Q, int64_t ldw) {
+  Buffer<BFloat16> rounded(P * Q), packed(round_up(P, 2) * ldw);
+  at::vec::convert(weight, rounded.data(), P * Q);
+  pack_rows(rounded.data(), P, Q, packed.data(), ldw);
+  return packed;
+}
+#endif
+
 // out = (x - x_shift) weight + (x2 - x2_shift) weight2 + bias + residual, a chunk of rows
 // at a time (x2's product added to the first's in place); x2, residual and the shifts
-// optional
+// optional. bfloat16_products: bfloat16 rows and weights (x less its shift, rounded) on
+// vdpbf16ps, as a matmul under autocast rounds its operands; half the instructions of
+// the float32 FMAs, and an unshifted x read in place.
 template <typename T, typename A>
 void project_kernel(const T* x, const A* x_shift, const A* weight, const A* bias, const T* x2, const A* x2_shift,
-                    const A* weight2, const T* residual, T* out, int64_t R, int64_t P, int64_t P2, int64_t Q) {
+                    const A* weight2, const T* residual, T* out, int64_t R, int64_t P, int64_t P2, int64_t Q,
+                    bool bfloat16_products) {
   const int64_t ldw = padded<A>(Q);
+#if defined(FASTNL_AVX512_BF16)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (bfloat16_products) {
+      const Buffer<BFloat16> w = bfloat16_pairs(weight, P, Q, ldw);
+      const Buffer<BFloat16> w2 = x2 ? bfloat16_pairs(weight2, P2, Q, ldw) : Buffer<BFloat16>();
+      at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
+        Buffer<float> row(std::max(P, P2)), residual_scratch(residual ? kChunkRows * Q : 0), sums(kChunkRows * Q);
+        Buffer<BFloat16> x_scratch(x_shift ? kChunkRows * P : 0), x2_scratch(x2 && x2_shift ? kChunkRows * P2 : 0);
+        for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
+          const int64_t rows = std::min(kChunkRows, end - r0);
+          project_rows_of(
+              rows, bfloat16_rows(x, r0, rows, P, x_shift, row, x_scratch), P, w.data(), ldw, bias,
+              residual ? rows_as(residual, r0, rows, Q, Q, static_cast<const A*>(nullptr), residual_scratch) : nullptr,
+              sums.data(), Q);
+          if (x2)
+            project_rows_of(rows, bfloat16_rows(x2, r0, rows, P2, x2_shift, row, x2_scratch), P2, w2.data(), ldw,
+                            static_cast<const A*>(nullptr), sums.data(), sums.data(), Q);
+          at::vec::convert(sums.data(), out + r0 * Q, rows * Q);
+        }
+      });
+      return;
+    }
+  }
+#endif
   Buffer<A> w(P * ldw), w2(x2 ? P2 * ldw : 0);
   pack_rows(weight, P, Q, w.data(), ldw);
   if (x2) pack_rows(weight2, P2, Q, w2.data(), ldw);
@@ -193,7 +264,7 @@ void project_kernel(const T* x, const A* x_shift, const A* weight, const A* bias
 template <typename T, typename A>
 void forward_kernel(const T* y, const T* residual, const A* weight, const A* bias, const A* gamma, const A* beta,
                     double eps, T* out, A* u_mean, A* var, A* offset, A* covariance, A* invstd, int64_t R, int64_t E,
-                    int64_t C) {
+                    int64_t C, bool bfloat16_products) {
   Buffer<A> first(E), cross(E * E), scaled_t(E * C), shifted_bias(C);
   at::vec::convert(y, first.data(), E);
   moments_kernel<T, A>(y, first.data(), y, first.data(), offset, cross.data(), R, E, E);
@@ -216,28 +287,28 @@ void forward_kernel(const T* y, const T* residual, const A* weight, const A* bia
     shifted_bias[c] = beta[c] - scale * shifted_mean;
   }
   project_kernel<T, A>(y, first.data(), scaled_t.data(), shifted_bias.data(), nullptr, nullptr, nullptr, residual, out,
-                       R, E, 0, C);
+                       R, E, 0, C, bfloat16_products);
 }
 
 // The next block's values out W_next^T + b_next (next_weight (F, C)), from out as stored.
 template <typename T, typename A>
 void next_values_kernel(const T* out, const A* next_weight, const A* next_bias, T* next_values, int64_t R, int64_t C,
-                        int64_t F) {
+                        int64_t F, bool bfloat16_products) {
   Buffer<A> transposed(C * F);
   for (int64_t f = 0; f < F; ++f)
     for (int64_t c = 0; c < C; ++c) transposed[c * F + f] = next_weight[f * C + c];
   project_kernel<T, A>(out, nullptr, transposed.data(), next_bias, nullptr, nullptr, nullptr, nullptr, next_values, R,
-                       C, 0, F);
+                       C, 0, F, bfloat16_products);
 }
 
 // The gradient reaching out (R, C) from both its uses: grad_out, and through the next
 // block's values, grad_next_values W_next; and W_next's and b_next's own.
 template <typename T, typename A>
 void next_values_backward_kernel(const T* grad_out, const T* grad_next_values, const T* out, const A* next_weight,
-                                 T* grad_total, A* grad_next_weight, A* grad_next_bias, int64_t R, int64_t C,
-                                 int64_t F) {
+                                 T* grad_total, A* grad_next_weight, A* grad_next_bias, int64_t R, int64_t C, int64_t F,
+                                 bool bfloat16_products) {
   project_kernel<T, A>(grad_next_values, nullptr, next_weight, nullptr, nullptr, nullptr, nullptr, grad_out, grad_total,
-                       R, F, 0, C);
+                       R, F, 0, C, bfloat16_products);
   moments_kernel<T, A>(grad_next_values, nullptr, out, nullptr, grad_next_bias, grad_next_weight, R, F, C);
 }
 
@@ -248,7 +319,7 @@ void next_values_backward_kernel(const T* grad_out, const T* grad_next_values, c
 template <typename T, typename A>
 void backward_kernel(const T* grad_out, const T* y, const A* weight, const A* gamma, const A* offset,
                      const A* covariance, const A* invstd, T* grad_y, A* grad_weight, A* grad_gamma, A* grad_beta,
-                     int64_t R, int64_t E, int64_t C) {
+                     int64_t R, int64_t E, int64_t C, bool bfloat16_products) {
   Buffer<A> first(E), cross(C * E), centered(C * E), through_var(C), scaled(C * E), back(E * E), constant(E);
   at::vec::convert(y, first.data(), E);
   moments_kernel<T, A>(grad_out, nullptr, y, first.data(), grad_beta, cross.data(), R, C, E);
@@ -282,7 +353,7 @@ void backward_kernel(const T* grad_out, const T* y, const A* weight, const A* ga
     constant[f] = sum;
   }
   project_kernel<T, A>(grad_out, nullptr, scaled.data(), constant.data(), y, first.data(), back.data(), nullptr, grad_y,
-                       R, C, E, E);
+                       R, C, E, E, bfloat16_products);
 }
 
 void check_rows(const char* name, const Tensor& t) {
@@ -297,7 +368,8 @@ void check_rows(const char* name, const Tensor& t) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
     const Tensor& y, const OptionalTensor& residual, const Tensor& weight, const Tensor& bias, const Tensor& gamma,
-    const Tensor& beta, double eps, const OptionalTensor& next_weight, const OptionalTensor& next_bias) {
+    const Tensor& beta, double eps, const OptionalTensor& next_weight, const OptionalTensor& next_bias,
+    bool bfloat16_products) {
   check_rows("y", y);
   const int64_t R = y.size(0), E = y.size(1), C = weight.size(0);
   TORCH_CHECK(R > 1, "batch statistics need more than one row, got ", R);
@@ -324,10 +396,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_bat
                                 weight.const_data_ptr<A>(), bias.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
                                 beta.const_data_ptr<A>(), eps, out.data_ptr<scalar_t>(), u_mean.data_ptr<A>(),
                                 var.data_ptr<A>(), offset.data_ptr<A>(), covariance.data_ptr<A>(), invstd.data_ptr<A>(),
-                                R, E, C);
+                                R, E, C, bfloat16_products);
     if (next_weight)
       next_values_kernel<scalar_t, A>(out.const_data_ptr<scalar_t>(), next_weight->const_data_ptr<A>(),
-                                      next_bias->const_data_ptr<A>(), next_values.data_ptr<scalar_t>(), R, C, F);
+                                      next_bias->const_data_ptr<A>(), next_values.data_ptr<scalar_t>(), R, C, F,
+                                      bfloat16_products);
   });
   return {out, next_values, u_mean, var, offset, covariance, invstd};
 }
@@ -335,7 +408,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_bat
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(
     const Tensor& grad_out, const Tensor& y, const Tensor& weight, const Tensor& gamma, const Tensor& offset,
     const Tensor& covariance, const Tensor& invstd, const OptionalTensor& grad_next_values, const OptionalTensor& out,
-    const OptionalTensor& next_weight) {
+    const OptionalTensor& next_weight, bool bfloat16_products) {
   check_rows("y", y);
   const int64_t R = y.size(0), E = y.size(1), C = weight.size(0);
   const auto statistics = accumulate_type(y.scalar_type());
@@ -366,12 +439,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_bat
       next_values_backward_kernel<scalar_t, A>(
           grad_out.const_data_ptr<scalar_t>(), grad_next_values->const_data_ptr<scalar_t>(),
           out->const_data_ptr<scalar_t>(), next_weight->const_data_ptr<A>(), grad_total.data_ptr<scalar_t>(),
-          grad_next_weight.data_ptr<A>(), grad_next_bias.data_ptr<A>(), R, C, F);
+          grad_next_weight.data_ptr<A>(), grad_next_bias.data_ptr<A>(), R, C, F, bfloat16_products);
     backward_kernel<scalar_t, A>((next ? grad_total : grad_out).const_data_ptr<scalar_t>(),
                                  y.const_data_ptr<scalar_t>(), weight.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
                                  offset.const_data_ptr<A>(), covariance.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
                                  grad_y.data_ptr<scalar_t>(), grad_weight.data_ptr<A>(), grad_gamma.data_ptr<A>(),
-                                 grad_beta.data_ptr<A>(), R, E, C);
+                                 grad_beta.data_ptr<A>(), R, E, C, bfloat16_products);
   });
   return {grad_y, grad_weight, grad_gamma, grad_beta, grad_total, grad_next_weight, grad_next_bias};
 }

@@ -48,14 +48,17 @@ std::tuple<Tensor, Tensor, Tensor> concat_backward(const Tensor& grad_out, const
 // them), u's mean and biased variance, y's mean less its first row, y's covariance,
 // invstd); backward: (dy, dW, dgamma, dbeta, the gradient reaching out from both its
 // uses, dW_next, db_next: the last three empty without the next values, the residual's
-// gradient then being grad_out), b's gradient being zero.
+// gradient then being grad_out), b's gradient being zero. bfloat16_products: bfloat16
+// rows projected on vdpbf16ps (built with AVX512-BF16), their operands rounded to
+// bfloat16 as under autocast; else in float32.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_forward(
     const Tensor& y, const OptionalTensor& residual, const Tensor& weight, const Tensor& bias, const Tensor& gamma,
-    const Tensor& beta, double eps, const OptionalTensor& next_weight, const OptionalTensor& next_bias);
+    const Tensor& beta, double eps, const OptionalTensor& next_weight, const OptionalTensor& next_bias,
+    bool bfloat16_products);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_batch_norm_backward(
     const Tensor& grad_out, const Tensor& y, const Tensor& weight, const Tensor& gamma, const Tensor& offset,
     const Tensor& covariance, const Tensor& invstd, const OptionalTensor& grad_next_values, const OptionalTensor& out,
-    const OptionalTensor& next_weight);
+    const OptionalTensor& next_weight, bool bfloat16_products);
 
 // Whether the softmax operators take bfloat16 here: built with FASTNL_AVX512_BF16
 // (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the

@@ -80,12 +80,13 @@ TORCH_LIBRARY(fastnl_cpp, m) {
       "float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "projected_batch_norm_forward(Tensor y, Tensor? residual, Tensor weight, Tensor bias, Tensor gamma, "
-      "Tensor beta, float eps, Tensor? next_weight=None, Tensor? next_bias=None) "
+      "Tensor beta, float eps, Tensor? next_weight=None, Tensor? next_bias=None, bool bfloat16_products=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "projected_batch_norm_backward(Tensor grad_out, Tensor y, Tensor weight, Tensor gamma, Tensor offset, "
       "Tensor covariance, Tensor invstd, Tensor? grad_next_values=None, Tensor? out=None, "
-      "Tensor? next_weight=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? next_weight=None, bool bfloat16_products=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
