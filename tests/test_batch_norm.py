@@ -185,16 +185,8 @@ def test_bfloat16_rows_either_way(products, monkeypatch):
         monkeypatch.setattr(batch_norm, "_bfloat16_products", lambda rows: False)
     rows, res, grad, weight, bias, bn = make((3000, 17, 33), torch.bfloat16)
     expected_out, expected_grads, _ = truth(bn, weight, bias, rows, res, grad)
-    threads, results = torch.get_num_threads(), []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            out, grads, _ = fused(bn, weight, bias, rows, res, grad)
-            results.append([out, *grads])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
-    assert_matches(torch.bfloat16, results[0], (expected_out, *expected_grads), expected_grads[1].abs().max().item())
+    results = on_one_and_two_threads(bn, weight, bias, rows, res, grad)
+    assert_matches(torch.bfloat16, results, (expected_out, *expected_grads), expected_grads[1].abs().max().item())
 
 
 def test_bfloat16_products_are_not_the_float32_projection(monkeypatch):
@@ -244,18 +236,23 @@ def test_gradcheck_float64(residual):
     assert torch.autograd.gradcheck(function, inputs)
 
 
-def test_one_and_two_threads_agree_bitwise():
-    rows, res, grad, weight, bias, bn = make((3000, 16, 32), torch.float32)
-    threads = torch.get_num_threads()
-    results = []
+def on_one_and_two_threads(bn, weight, bias, rows, residual, grad):
+    """[out, *grads] of the fused branch, checked bitwise equal on 1 and 2 threads."""
+    threads, results = torch.get_num_threads(), []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            out, grads, _ = fused(bn, weight, bias, rows, res, grad)
+            out, grads, _ = fused(bn, weight, bias, rows, residual, grad)
             results.append([out, *grads])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+    return results[0]
+
+
+def test_one_and_two_threads_agree_bitwise():
+    rows, res, grad, weight, bias, bn = make((3000, 16, 32), torch.float32)
+    on_one_and_two_threads(bn, weight, bias, rows, res, grad)
 
 
 def test_applies_to_batch_statistics_on_cpu_rows_only():
