@@ -1,7 +1,8 @@
 """The model's three nonlocal shapes at the training batch B = 128: diffuse softmax
 fwd+bwd through fastnl.nonlocal_attend on the cpp backend in float32 and bfloat16,
 against SDPA in the same dtype and the reference in float32; a stage's chain of K blocks
-sharing statistics at N = 256; and the machine's float32 and bfloat16 product rates and
+sharing statistics at N = 256, also with the query and key gradients formed once (as a
+NonlocalStage trains); and the machine's float32 and bfloat16 product rates and
 the kernels' exp rate, measured in the same run, to explain the ratios.
 
     pytest benchmarks/test_model_shapes_bench.py --benchmark-only
@@ -24,6 +25,7 @@ from cases import MODEL_SIZES, make_inputs, run_step, sdpa_diffuse, size_name, w
 import fastnl
 from fastnl import backends
 from fastnl.backends import cpp
+from fastnl.shared_affinity import SharedAffinity
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
                                 reason="the cpp backend did not build")
@@ -82,15 +84,20 @@ def test_model_diffuse(benchmark, record, monkeypatch, size, dtype_name, impleme
     record(benchmark, implementation)
 
 
-def _stage_step(implementation, blocks, query, key, value):
+def _stage_step(implementation, blocks, query, key, value, shared=False):
     """A NonlocalStage's pattern (as test_cpp_bench.py's): `blocks` diffusions with one
     affinity, each on the previous block's output, the cpp ones sharing the first's
-    row statistics; then the backward through all."""
+    row statistics (and with `shared`, forming the query and key gradients once for all
+    blocks, as the stage does in training: fastnl.shared_affinity); then the backward
+    through all."""
 
     def step():
         values, log_normalizer = value, None
+        blocks_of_one_affinity = SharedAffinity(query, key, 1.0, "cpp") if shared else None
         for _ in range(blocks):
-            if implementation.startswith("cpp"):
+            if shared:
+                out = blocks_of_one_affinity.attend(values, values)
+            elif implementation.startswith("cpp"):
                 out, log_normalizer = fastnl.nonlocal_attend(query, key, values, values, backend="cpp",
                                                              log_normalizer=log_normalizer)
             else:
@@ -111,6 +118,23 @@ def test_model_stage_chain(benchmark, record, monkeypatch, blocks, dtype_name, i
     step()
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
     record(benchmark, implementation)
+
+
+# the stage chain as a NonlocalStage trains it: the query and key gradients once for all blocks
+SHARED = " shared dQ, dK"
+
+
+@pytest.mark.parametrize(("dtype_name", "implementation"), [("float32", "cpp"), ("bfloat16", "cpp native")],
+                         ids="-".join)
+@pytest.mark.parametrize("blocks", STAGE_BLOCKS)
+def test_model_stage_chain_shared(benchmark, record, monkeypatch, blocks, dtype_name, implementation):
+    _choose(monkeypatch, implementation)
+    benchmark.group = _stage_group(blocks, dtype_name)
+    inputs = make_inputs(STAGE_SIZE, requires_grad=True, dtype=DTYPES[dtype_name])
+    step = _stage_step(implementation, blocks, *inputs, shared=True)
+    step()
+    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
+    record(benchmark, implementation + SHARED)
 
 
 # the N256 bars, each also as a paired ratio: bar -> (slower, faster), each (implementation, dtype)
@@ -193,6 +217,13 @@ def _summary_lines():
         if None not in cells:
             lines.append(f"stage chain of {blocks} at {size_name(STAGE_SIZE)} (no bar): cpp vs SDPA "
                          f"float32 {cells[0]:.2f}, bf16 {cells[1]:.2f}")
+        shared = {dtype_name: (summary.ratio(_stage_group(blocks, dtype_name), "sdpa", name + SHARED),
+                               summary.ratio(_stage_group(blocks, dtype_name), name, name + SHARED))
+                  for dtype_name, name in (("float32", "cpp"), ("bfloat16", "cpp native"))}
+        if None not in (*shared["float32"], *shared["bfloat16"]):
+            lines.append(f"  with dQ, dK formed once (the stage in training): vs SDPA float32 "
+                         f"{shared['float32'][0]:.2f}, bf16 {shared['bfloat16'][0]:.2f}; vs one backward per block "
+                         f"float32 {shared['float32'][1]:.2f}, bf16 {shared['bfloat16'][1]:.2f}")
     if "kernel exp/s" not in summary.VALUES:
         return lines
     lines.append(machine.describe(summary.VALUES))
