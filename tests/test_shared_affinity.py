@@ -223,3 +223,23 @@ def test_the_operators_check_their_arguments():
                                                      log_normalizer, 1.0)
     with pytest.raises(RuntimeError, match="log_normalizer must have shape"):
         torch.ops.fastnl_cpp.softmax_values_backward(grads[0], query, key, log_normalizer[:, :4], 1.0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_stage_gets_the_same_gradients(reentrant):
+    """torch.utils.checkpoint recomputes the forward in the backward: the hand-over still
+    reaches the first block (the stage's structure, not autograd's order, guarantees it)."""
+    stage = _trained_stage(False)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+
+    def gradients(run):
+        stage.zero_grad()
+        leaf = x.clone().requires_grad_()
+        out = run(leaf)
+        out.backward(torch.ones_like(out))
+        return [leaf.grad] + [parameter.grad for parameter in stage.parameters()]
+
+    plain = gradients(stage)
+    checkpointed = gradients(lambda leaf: torch.utils.checkpoint.checkpoint(stage, leaf, use_reentrant=reentrant))
+    for got, expected in zip(checkpointed, plain):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
