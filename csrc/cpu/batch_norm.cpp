@@ -172,34 +172,62 @@ void project_rows_of(int64_t rows, const Op* x, int64_t P, const Op* weight, int
   for (; r < rows; ++r) columns(std::integral_constant<int, 1>(), r);
 }
 
-#if defined(FASTNL_AVX512_BF16)
-using BFloat16 = c10::BFloat16;
-
-// The rows [r, r + rows) of x (R, P) less `shift` (P) where given, rounded to bfloat16
-// in `scratch`; without a shift, x's own rows.
-inline const BFloat16* bfloat16_rows(const BFloat16* x, int64_t r, int64_t rows, int64_t P, const float* shift,
-                                     Buffer<float>& row, Buffer<BFloat16>& scratch) {
-  constexpr int64_t L = Vec<float>::size();
-  if (!shift) return x + r * P;
-  for (int64_t i = 0; i < rows; ++i) {
-    at::vec::convert(x + (r + i) * P, row.data(), P);
-    for (int64_t c = 0; c < P; c += L) {
-      const int64_t n = std::min(L, P - c);
-      (Vec<float>::loadu(row.data() + c, n) - Vec<float>::loadu(shift + c, n)).store(row.data() + c, n);
-    }
-    at::vec::convert(row.data(), scratch.data() + i * P, P);
+// weight (P, Q) as project_block's operand Op reads it: rows padded to ldw lanes, and
+// for bfloat16 rounded and in pairs of rows (pack_rows).
+template <typename Op, typename A>
+Buffer<Op> packed_weight(const A* weight, int64_t P, int64_t Q, int64_t ldw) {
+  Buffer<Op> packed(round_up(P, Product<Op>::kGroup) * ldw);
+  if constexpr (std::is_same_v<Op, A>) {
+    pack_rows(weight, P, Q, packed.data(), ldw);
+  } else {
+    Buffer<Op> rounded(P * Q);
+    at::vec::convert(weight, rounded.data(), P * Q);
+    pack_rows(rounded.data(), P, Q, packed.data(), ldw);
   }
-  return scratch.data();
-}
-
-// weight (P, Q) rounded to bfloat16, in pairs of rows ldw lanes wide (pack_rows)
-inline Buffer<BFloat16> bfloat16_pairs(const float* weight, int64_t P, int64_t Q, int64_t ldw) {
-  Buffer<BFloat16> rounded(P * Q), packed(round_up(P, 2) * ldw);
-  at::vec::convert(weight, rounded.data(), P * Q);
-  pack_rows(rounded.data(), P, Q, packed.data(), ldw);
   return packed;
 }
-#endif
+
+// The rows [r, r + rows) of x (R, P) less `shift` as Op (rows_as; for bfloat16 rounded
+// from the shifted floats in `scratch`, or x's own rows without a shift).
+template <typename Op, typename T, typename A>
+const Op* operand_rows(const T* x, int64_t r, int64_t rows, int64_t P, const A* shift, Buffer<A>& shifted,
+                       Buffer<Op>& scratch) {
+  if constexpr (std::is_same_v<Op, A>) {
+    return rows_as(x, r, rows, P, P, shift, scratch);
+  } else {
+    if constexpr (std::is_same_v<Op, T>)
+      if (!shift) return x + r * P;
+    at::vec::convert(rows_as(x, r, rows, P, P, shift, shifted), scratch.data(), rows * P);
+    return scratch.data();
+  }
+}
+
+// project_kernel with operands Op: A, or bfloat16 on vdpbf16ps.
+template <typename Op, typename T, typename A>
+void project_with(const T* x, const A* x_shift, const A* weight, const A* bias, const T* x2, const A* x2_shift,
+                  const A* weight2, const T* residual, T* out, int64_t R, int64_t P, int64_t P2, int64_t Q) {
+  const int64_t ldw = padded<A>(Q);
+  const Buffer<Op> w = packed_weight<Op>(weight, P, Q, ldw);
+  const Buffer<Op> w2 = x2 ? packed_weight<Op>(weight2, P2, Q, ldw) : Buffer<Op>();
+  at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
+    constexpr bool kConverts = !std::is_same_v<Op, A>;  // operands rounded from shifted floats
+    Buffer<A> shifted(kConverts ? kChunkRows * std::max(P, P2) : 0);
+    Buffer<Op> x_scratch(kChunkRows * P), x2_scratch(x2 ? kChunkRows * P2 : 0);
+    Buffer<A> residual_scratch(residual ? kChunkRows * Q : 0), out_scratch(std::is_same_v<T, A> ? 0 : kChunkRows * Q);
+    for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, end - r0);
+      A* result = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) + r0 * Q : out_scratch.data();
+      project_rows_of(
+          rows, operand_rows(x, r0, rows, P, x_shift, shifted, x_scratch), P, w.data(), ldw, bias,
+          residual ? rows_as(residual, r0, rows, Q, Q, static_cast<const A*>(nullptr), residual_scratch) : nullptr,
+          result, Q);
+      if (x2)
+        project_rows_of(rows, operand_rows(x2, r0, rows, P2, x2_shift, shifted, x2_scratch), P2, w2.data(), ldw,
+                        static_cast<const A*>(nullptr), result, result, Q);
+      if constexpr (!std::is_same_v<T, A>) at::vec::convert(out_scratch.data(), out + r0 * Q, rows * Q);
+    }
+  });
+}
 
 // out = (x - x_shift) weight + (x2 - x2_shift) weight2 + bias + residual, a chunk of rows
 // at a time (x2's product added to the first's in place); x2, residual and the shifts
@@ -210,50 +238,13 @@ template <typename T, typename A>
 void project_kernel(const T* x, const A* x_shift, const A* weight, const A* bias, const T* x2, const A* x2_shift,
                     const A* weight2, const T* residual, T* out, int64_t R, int64_t P, int64_t P2, int64_t Q,
                     bool bfloat16_products) {
-  const int64_t ldw = padded<A>(Q);
 #if defined(FASTNL_AVX512_BF16)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    if (bfloat16_products) {
-      const Buffer<BFloat16> w = bfloat16_pairs(weight, P, Q, ldw);
-      const Buffer<BFloat16> w2 = x2 ? bfloat16_pairs(weight2, P2, Q, ldw) : Buffer<BFloat16>();
-      at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
-        Buffer<float> row(std::max(P, P2)), residual_scratch(residual ? kChunkRows * Q : 0), sums(kChunkRows * Q);
-        Buffer<BFloat16> x_scratch(x_shift ? kChunkRows * P : 0), x2_scratch(x2 && x2_shift ? kChunkRows * P2 : 0);
-        for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
-          const int64_t rows = std::min(kChunkRows, end - r0);
-          project_rows_of(
-              rows, bfloat16_rows(x, r0, rows, P, x_shift, row, x_scratch), P, w.data(), ldw, bias,
-              residual ? rows_as(residual, r0, rows, Q, Q, static_cast<const A*>(nullptr), residual_scratch) : nullptr,
-              sums.data(), Q);
-          if (x2)
-            project_rows_of(rows, bfloat16_rows(x2, r0, rows, P2, x2_shift, row, x2_scratch), P2, w2.data(), ldw,
-                            static_cast<const A*>(nullptr), sums.data(), sums.data(), Q);
-          at::vec::convert(sums.data(), out + r0 * Q, rows * Q);
-        }
-      });
-      return;
-    }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bfloat16_products)
+      return project_with<T>(x, x_shift, weight, bias, x2, x2_shift, weight2, residual, out, R, P, P2, Q);
   }
 #endif
-  Buffer<A> w(P * ldw), w2(x2 ? P2 * ldw : 0);
-  pack_rows(weight, P, Q, w.data(), ldw);
-  if (x2) pack_rows(weight2, P2, Q, w2.data(), ldw);
-  at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
-    Buffer<A> x_scratch(kChunkRows * P), x2_scratch(x2 ? kChunkRows * P2 : 0);
-    Buffer<A> residual_scratch(residual ? kChunkRows * Q : 0), out_scratch(std::is_same_v<T, A> ? 0 : kChunkRows * Q);
-    for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
-      const int64_t rows = std::min(kChunkRows, end - r0);
-      A* result = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) + r0 * Q : out_scratch.data();
-      project_rows_of(
-          rows, rows_as(x, r0, rows, P, P, x_shift, x_scratch), P, w.data(), ldw, bias,
-          residual ? rows_as(residual, r0, rows, Q, Q, static_cast<const A*>(nullptr), residual_scratch) : nullptr,
-          result, Q);
-      if (x2)
-        project_rows_of(rows, rows_as(x2, r0, rows, P2, P2, x2_shift, x2_scratch), P2, w2.data(), ldw,
-                        static_cast<const A*>(nullptr), result, result, Q);
-      if constexpr (!std::is_same_v<T, A>) at::vec::convert(out_scratch.data(), out + r0 * Q, rows * Q);
-    }
-  });
+  project_with<A>(x, x_shift, weight, bias, x2, x2_shift, weight2, residual, out, R, P, P2, Q);
 }
 
 // The statistics of u = y W^T + b and the folded projection, everything about y
