@@ -35,9 +35,9 @@ def size_name(size):
 def work(size):
     """(FLOPs, exps) of one diffuse softmax fwd+bwd at `size`: per (query, key) pair the
     forward's q.k (D) and p v (E) and the backward's q.k, dp (E), dV (E), dK (D), dQ (D),
-    2 FLOPs a multiply-add; one exp in the forward and one in the backward's recomputed tile."""
-    pairs = size["batch"] * size["positions"] ** 2
-    return 2 * pairs * (4 * size["width"] + 3 * size["value_width"]), 2 * pairs
+    2 FLOPs a multiply-add; one exp in the forward and one in the backward's recomputed
+    tile. A stage of one block."""
+    return stage_work(size, 1)
 
 
 def stage_work(size, blocks):

@@ -209,19 +209,17 @@ class ValueBranch(nn.Module):
         branch) -> (z, following.values(z)), the values from the same operator where it runs."""
         weight = _conv_weight(self.W_z)
         rows, residual_rows = y.flatten(0, -2), residual.flatten(0, -2)
-        if self.bn is not None and batch_norm.applies(weight, self.W_z.bias, self.bn, rows, residual_rows):
-            if following is None or following.g.weight.dtype != weight.dtype:
-                out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows)
-                out = out.view(residual.shape)
-                return out if following is None else (out, following.values(out, spatial))
+        fused = self.bn is not None and batch_norm.applies(weight, self.W_z.bias, self.bn, rows, residual_rows)
+        if fused and following is not None and following.g.weight.dtype == weight.dtype:
             out, center = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows,
                                                           _conv_weight(following.g), following.g.bias)
             return out.view(residual.shape), following.pooled(center.view(*residual.shape[:-1], -1), spatial)
-        y = F.linear(y, weight, self.W_z.bias)
-        if self.bn is None:
-            out = residual + y
+        if fused:
+            out = batch_norm.projected_batch_norm(weight, self.W_z.bias, self.bn, rows, residual_rows)
+            out = out.view(residual.shape)
         else:
-            out = residual + _rows(self.bn(_spatial(y, spatial)))
+            y = F.linear(y, weight, self.W_z.bias)
+            out = residual + (y if self.bn is None else _rows(self.bn(_spatial(y, spatial))))
         return out if following is None else (out, following.values(out, spatial))
 
     def weight_product(self):

@@ -88,18 +88,23 @@ def _(grad_out, query, key, value, center, out, log_normalizer, scale, backend):
     return _empty(query, key, value)
 
 
+def value_and_center_grads(grad_value, grad_out, has_center, center_is_value):
+    """(grad_value, grad_center) of a softmax call: the center's gradient is -grad_out. The
+    stage's call has g(z) as both, so its one gradient is the value's minus grad_out,
+    written in place (a - b is a + (-b) bit for bit), without a negated copy for autograd
+    to add."""
+    if center_is_value:
+        return grad_value.sub_(grad_out), None
+    return grad_value, (-grad_out if has_center else None)
+
+
 def _softmax_grads(ctx, grad_out, out, log_normalizer):
     query, key, value, center = ctx.saved_tensors[:4]
     grad_query, grad_key, grad_value = softmax_backward(
         grad_out, query, key, value, center, out, log_normalizer, ctx.scale, ctx.backend
     )
-    if ctx.center_is_value:
-        # the stage's call: g(z) is both, so its one gradient is the value's minus grad_out,
-        # written in place (a - b is a + (-b) bit for bit), without a negated copy for
-        # autograd to add
-        return grad_query, grad_key, grad_value.sub_(grad_out), None
-    grad_center = -grad_out if center is not None else None
-    return grad_query, grad_key, grad_value, grad_center
+    return grad_query, grad_key, *value_and_center_grads(grad_value, grad_out, center is not None,
+                                                         ctx.center_is_value)
 
 
 def _setup_softmax(ctx, inputs, output):

@@ -74,14 +74,6 @@ class SharedAffinity:
         return [self.handed_over.pop(index) for index in sorted(self.handed_over)]
 
 
-def _value_grads(grad_value, grad_out, value, center):
-    """(grad_value, grad_center) of a block: the center's is -grad_out; where the center is
-    the value itself, its one gradient is the difference, written in place."""
-    if center is value:
-        return grad_value.sub_(grad_out), None
-    return grad_value, (-grad_out if center is not None else None)
-
-
 class _FirstBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, center, shared):
@@ -100,7 +92,8 @@ class _FirstBlock(torch.autograd.Function):
         grad_query, grad_key, grad_value = ops.softmax_shared_backward(
             [grad_out, *grad_outs], query, key, [value, *values], [center, *centers] if center is not None else [],
             [out, *outs], log_normalizer, ctx.shared.scale, ctx.shared.backend)
-        return grad_query, grad_key, *_value_grads(grad_value, grad_out, value, center), None
+        return (grad_query, grad_key,
+                *ops.value_and_center_grads(grad_value, grad_out, center is not None, ctx.center_is_value), None)
 
 
 class _LaterBlock(torch.autograd.Function):
@@ -120,4 +113,5 @@ class _LaterBlock(torch.autograd.Function):
                                                  ctx.shared.backend)
         ctx.shared.hand_over(ctx.index, grad_out, value, center, out)
         # the query and key gradients: in the first block's backward, with every block's
-        return None, None, *_value_grads(grad_value, grad_out, value, center), None, None, None
+        return (None, None, *ops.value_and_center_grads(grad_value, grad_out, center is not None, ctx.center_is_value),
+                None, None, None)
