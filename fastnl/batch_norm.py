@@ -35,13 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastnl import backends
-from fastnl.backends import accumulate_dtype, cpp
-
-
-def _bfloat16_products(rows):
-    """Whether bfloat16 rows are projected on bf16 products: where the softmax kernels' are."""
-    return rows.dtype == torch.bfloat16 and cpp.bfloat16_path() in ("amx", "avx512-bf16")
+from fastnl import cpu_rows
+from fastnl.backends import accumulate_dtype
 
 
 @torch.library.custom_op("fastnl::projected_batch_norm", mutates_args=())
@@ -51,8 +46,8 @@ def _forward(rows: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Ten
     """residual + BatchNorm(rows weight^T + bias) -> (out, the next block's values out
     next_weight^T + next_bias ((0, 0) without them), u's mean and biased variance, the
     rows' mean less their first row, their covariance, invstd)."""
-    return tuple(torch.ops.fastnl_cpp.projected_batch_norm_forward(rows, residual, weight, bias, gamma, beta, eps,
-                                                                   next_weight, next_bias, _bfloat16_products(rows)))
+    return tuple(torch.ops.fastnl_cpp.projected_batch_norm_forward(
+        rows, residual, weight, bias, gamma, beta, eps, next_weight, next_bias, cpu_rows.bfloat16_products(rows)))
 
 
 @_forward.register_fake
@@ -72,7 +67,7 @@ def _backward(grad_out: Tensor, rows: Tensor, weight: Tensor, gamma: Tensor, off
     gradient reaching out from both its uses, grad_next_weight, grad_next_bias)."""
     return tuple(torch.ops.fastnl_cpp.projected_batch_norm_backward(grad_out, rows, weight, gamma, offset, covariance,
                                                                     invstd, grad_next_values, out, next_weight,
-                                                                    _bfloat16_products(rows)))
+                                                                    cpu_rows.bfloat16_products(rows)))
 
 
 @_backward.register_fake
@@ -111,11 +106,6 @@ def _grads(ctx, grad_out, grad_next_values, *_statistics):
 _forward.register_autograd(_grads, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result  # decided while tracing; no graph break
-def _built():
-    return backends.unavailable_reason("cpp", "cpu") is None
-
-
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -134,7 +124,7 @@ def applies(weight, bias, bn, rows, residual):
             and rows.shape[0] > 1 and bias is not None and weight.dtype == bn.weight.dtype == bias.dtype == statistics
             and weight.shape == (bn.num_features, rows.shape[1])
             and (residual is None or (residual.dtype == rows.dtype and residual.shape == output))
-            and _built())
+            and cpu_rows.built())
 
 
 def projected_batch_norm(weight, bias, bn, rows, residual=None, next_weight=None, next_bias=None):

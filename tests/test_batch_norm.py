@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastnl
-from fastnl import backends, batch_norm
+from fastnl import backends, batch_norm, cpu_rows
 from fastnl.backends import cpp
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
@@ -179,10 +179,10 @@ def test_bfloat16_rows_either_way(products, monkeypatch):
     """bfloat16 rows projected on vdpbf16ps (where the softmax kernels' products are bf16)
     or in float32: both within bfloat16's tolerance of the float64 branch, with the next
     values too, and bitwise the same for 1 and 2 threads."""
-    if products == "bfloat16" and not batch_norm._bfloat16_products(torch.zeros(1, dtype=torch.bfloat16)):
+    if products == "bfloat16" and not cpu_rows.bfloat16_products(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip(f"bfloat16 rows are projected in float32 here: {cpp.bfloat16_path()}")
     if products == "float32":
-        monkeypatch.setattr(batch_norm, "_bfloat16_products", lambda rows: False)
+        monkeypatch.setattr(cpu_rows, "bfloat16_products", lambda rows: False)
     rows, res, grad, weight, bias, bn = make((3000, 17, 33), torch.bfloat16)
     expected_out, expected_grads, _ = truth(bn, weight, bias, rows, res, grad)
     results = on_one_and_two_threads(bn, weight, bias, rows, res, grad)
@@ -190,11 +190,11 @@ def test_bfloat16_rows_either_way(products, monkeypatch):
 
 
 def test_bfloat16_products_are_not_the_float32_projection(monkeypatch):
-    if not batch_norm._bfloat16_products(torch.zeros(1, dtype=torch.bfloat16)):
+    if not cpu_rows.bfloat16_products(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip(f"bfloat16 rows are projected in float32 here: {cpp.bfloat16_path()}")
     rows, res, grad, weight, bias, bn = make((500, 16, 32), torch.bfloat16)
     native = fused(bn, weight, bias, rows, res, grad)[0]
-    monkeypatch.setattr(batch_norm, "_bfloat16_products", lambda rows: False)
+    monkeypatch.setattr(cpu_rows, "bfloat16_products", lambda rows: False)
     assert not torch.equal(native, fused(bn, weight, bias, rows, res, grad)[0])
 
 

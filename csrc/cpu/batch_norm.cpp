@@ -10,15 +10,15 @@
 // In a stage it also projects out into the next block's values (next_values_kernel),
 // and its backward sums the gradient of out over both uses (next_values_backward_kernel).
 //
-// Rows are contiguous: the products keep kCross (or 8 x 2) vector accumulators in
-// registers and stream the rows through broadcast FMAs. The reductions sum the rows in
-// fixed chunks and the chunks' sums in chunk order: bitwise identical results for any
-// thread count. Sums, statistics and projections are float32 (float64 for float64
-// rows); bfloat16 rows are converted as they are read, or with bfloat16_products their
-// projections run on vdpbf16ps (Product<BFloat16>; the Python side chooses as for the
-// softmax kernels).
+// Rows are contiguous; the moments and projections are row_products.h's, bitwise the
+// same for any thread count. Sums, statistics and projections are float32 (float64 for
+// float64 rows); bfloat16 rows are converted as they are read, or with
+// bfloat16_products their projections, and the next values' moments (no shifts), run on
+// vdpbf16ps (Product<BFloat16>; the Python side chooses as for the softmax kernels). The
+// moments on vdpbf16ps took the operator's backward with next values from 1.12 to 1.04 ms
+// (bf16, 32768 rows, 16 -> 32, paired).
 #include "ops.h"
-#include "tile_math.h"
+#include "row_products.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,180 +27,6 @@
 
 namespace fastnl {
 namespace {
-
-constexpr int64_t kChunkRows = 256;  // rows a reduction work item sums
-
-// sums (kCross, n lanes; rows ldc apart) += x (rows, kCross)^T w (rows, n lanes), x's
-// rows ldx apart, w's ldw: the kCross accumulators stay in registers over all the
-// rows, each row one vector of w and kCross FMAs with a broadcast operand.
-constexpr int64_t kCross = 16;
-template <typename A>
-void add_cross(const A* x, int64_t ldx, const A* w, int64_t ldw, int64_t rows, A* sums, int64_t ldc) {
-  Vec<A> acc[kCross];
-#pragma GCC unroll 16
-  for (int64_t j = 0; j < kCross; ++j) acc[j] = Vec<A>::loadu(sums + j * ldc);
-  for (int64_t i = 0; i < rows; ++i) {
-    const Vec<A> row = Vec<A>::loadu(w + i * ldw);
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < kCross; ++j) acc[j] = at::vec::fmadd(Vec<A>(x[i * ldx + j]), row, acc[j]);
-  }
-#pragma GCC unroll 16
-  for (int64_t j = 0; j < kCross; ++j) acc[j].store(sums + j * ldc);
-}
-
-// The rows [r, r + rows) of x (R, C) as A, minus `shift` (C) where given, with rows
-// ld >= C apart: in place where x is A already, unshifted and ld == C, else written
-// into `scratch` (its padding columns left as they were).
-template <typename T, typename A>
-const A* rows_as(const T* x, int64_t r, int64_t rows, int64_t C, int64_t ld, const A* shift, Buffer<A>& scratch) {
-  constexpr int64_t L = Vec<A>::size();
-  if (ld == C) {
-    if constexpr (std::is_same_v<T, A>)
-      if (!shift) return x + r * C;
-    at::vec::convert(x + r * C, scratch.data(), rows * C);
-  } else {
-    for (int64_t i = 0; i < rows; ++i) at::vec::convert(x + (r + i) * C, scratch.data() + i * ld, C);
-  }
-  if (shift)
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t c = 0; c < C; c += L) {
-        const int64_t n = std::min(L, C - c);
-        (Vec<A>::loadu(scratch.data() + i * ld + c, n) - Vec<A>::loadu(shift + c, n))
-            .store(scratch.data() + i * ld + c, n);
-      }
-  return scratch.data();
-}
-
-// sum_a = the sum of the rows of a - a_shift (P), cross = (a - a_shift)^T (b - b_shift)
-// (P, Q), for rows a (R, P) and b (R, Q); a_shift may be null (no shift).
-template <typename T, typename A>
-void moments_kernel(const T* a, const A* a_shift, const T* b, const A* b_shift, A* sum_a, A* cross, int64_t R,
-                    int64_t P, int64_t Q) {
-  constexpr int64_t L = Vec<A>::size();
-  // a's rows padded to Pp columns (kCross accumulators at a time), b's to whole vectors
-  const int64_t chunks = (R + kChunkRows - 1) / kChunkRows, Pp = round_up(P, kCross), ld = padded<A>(Q);
-  const int64_t width = Pp + Pp * ld;
-  Buffer<A> partial(chunks * width);  // zero: per chunk, the sums (Pp) and the products (Pp, ld)
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Buffer<A> a_scratch(kChunkRows * Pp), b_scratch(kChunkRows * ld);  // zero padding
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      A* sums = partial.data() + chunk * width;
-      const int64_t r0 = chunk * kChunkRows, rows = std::min(R, r0 + kChunkRows) - r0;
-      const A* x = rows_as(a, r0, rows, P, Pp, a_shift, a_scratch);
-      const A* w = rows_as(b, r0, rows, Q, ld, b_shift, b_scratch);
-      for (int64_t p = 0; p < Pp; p += L) {
-        Vec<A> total(A(0));
-        for (int64_t i = 0; i < rows; ++i) total = total + Vec<A>::loadu(x + i * Pp + p);
-        total.store(sums + p);
-      }
-      for (int64_t p = 0; p < Pp; p += kCross)
-        for (int64_t c = 0; c < ld; c += L) add_cross(x + p, Pp, w + c, ld, rows, sums + Pp + p * ld + c, ld);
-    }
-  });
-  std::fill(sum_a, sum_a + P, A(0));
-  std::fill(cross, cross + P * Q, A(0));
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const A* sums = partial.data() + chunk * width;
-    for (int64_t p = 0; p < P; ++p) {
-      sum_a[p] += sums[p];
-      for (int64_t q = 0; q < Q; ++q) cross[p * Q + q] += sums[Pp + p * ld + q];
-    }
-  }
-}
-
-// VECS column vectors (from column c, the last n lanes wide) of ROWS output rows, in
-// registers: out = x weight + bias + added, for x (ROWS, P), weight (P, Q) padded to
-// rows of ldw (whole vectors: a masked load in the loop would split it in two paths,
-// and GCC then keeps the sums in memory), bias (Q) or null, added (ROWS, Q) or null
-// (it may be out itself). Each k is VECS vectors of weight and ROWS x VECS FMAs,
-// independent sums so that no FMA waits on the last. The operands are Op, read as
-// Product<Op> says: A itself, or bfloat16 pairs of k on vdpbf16ps (weight packed in
-// pairs of rows, pack_rows), with float sums.
-template <int ROWS, int VECS, typename Op, typename A>
-void project_block(const Op* x, int64_t P, const Op* weight, int64_t ldw, const A* bias, const A* added, A* out,
-                   int64_t Q, int64_t c, int64_t n) {
-  using Operands = Product<Op>;
-  constexpr int64_t L = Vec<A>::size(), G = Operands::kGroup;
-  const auto lanes = [&](int v) { return v == VECS - 1 ? n : L; };
-  Vec<A> acc[ROWS][VECS];
-  for (int v = 0; v < VECS; ++v) {
-    const Vec<A> shift = bias ? Vec<A>::loadu(bias + c + v * L, lanes(v)) : Vec<A>(A(0));
-    for (int r = 0; r < ROWS; ++r)
-      acc[r][v] = added ? shift + Vec<A>::loadu(added + r * Q + c + v * L, lanes(v)) : shift;
-  }
-  for (int64_t g = 0; g < P / G; ++g) {
-    typename Operands::Operand row[VECS];
-    for (int v = 0; v < VECS; ++v) row[v] = in_register(Operands::load(weight + (g * ldw + c + v * L) * G));
-    for (int r = 0; r < ROWS; ++r) {
-      const auto coefficient = Operands::broadcast(x + r * P + g * G);
-      for (int v = 0; v < VECS; ++v) acc[r][v] = Operands::multiply_add(coefficient, row[v], acc[r][v]);
-    }
-  }
-  if constexpr (G > 1) {
-    if (P % G) {  // the last k alone: its pair's other half is zero in the packed weight
-      typename Operands::Operand row[VECS];
-      for (int v = 0; v < VECS; ++v) row[v] = Operands::load(weight + (P / G * ldw + c + v * L) * G);
-      for (int r = 0; r < ROWS; ++r) {
-        const auto coefficient = Operands::broadcast_first(x + r * P + P / G * G);
-        for (int v = 0; v < VECS; ++v) acc[r][v] = Operands::multiply_add(coefficient, row[v], acc[r][v]);
-      }
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < VECS; ++v) acc[r][v].store(out + r * Q + c + v * L, lanes(v));
-}
-
-// out = x weight + bias + added for `rows` rows, all Q columns (weight's rows ldw
-// apart): blocks of kProjectRows rows and two column vectors, as matmul_tile's narrow
-// blocks. matmul_tile itself needs C padded and initialised apart, then copied out:
-// the backward (E = 16) took 0.94-1.05 ms with it against 0.59-0.79 with these blocks.
-constexpr int kProjectRows = 8;
-template <typename Op, typename A>
-void project_rows_of(int64_t rows, const Op* x, int64_t P, const Op* weight, int64_t ldw, const A* bias, const A* added,
-                     A* out, int64_t Q) {
-  constexpr int64_t L = Vec<A>::size();
-  const auto columns = [&](auto block_rows, int64_t r) {
-    constexpr int ROWS = decltype(block_rows)::value;
-    const A* at_added = added ? added + r * Q : nullptr;
-    int64_t c = 0;
-    for (; c + L < Q; c += 2 * L)
-      project_block<ROWS, 2>(x + r * P, P, weight, ldw, bias, at_added, out + r * Q, Q, c, std::min(L, Q - c - L));
-    if (c < Q) project_block<ROWS, 1>(x + r * P, P, weight, ldw, bias, at_added, out + r * Q, Q, c, Q - c);
-  };
-  int64_t r = 0;
-  for (; r + kProjectRows <= rows; r += kProjectRows) columns(std::integral_constant<int, kProjectRows>(), r);
-  for (; r < rows; ++r) columns(std::integral_constant<int, 1>(), r);
-}
-
-// weight (P, Q) as project_block's operand Op reads it: rows padded to ldw lanes, and
-// for bfloat16 rounded and in pairs of rows (pack_rows).
-template <typename Op, typename A>
-Buffer<Op> packed_weight(const A* weight, int64_t P, int64_t Q, int64_t ldw) {
-  Buffer<Op> packed(round_up(P, Product<Op>::kGroup) * ldw);
-  if constexpr (std::is_same_v<Op, A>) {
-    pack_rows(weight, P, Q, packed.data(), ldw);
-  } else {
-    Buffer<Op> rounded(P * Q);
-    at::vec::convert(weight, rounded.data(), P * Q);
-    pack_rows(rounded.data(), P, Q, packed.data(), ldw);
-  }
-  return packed;
-}
-
-// The rows [r, r + rows) of x (R, P) less `shift` as Op (rows_as; for bfloat16 rounded
-// from the shifted floats in `scratch`, or x's own rows without a shift).
-template <typename Op, typename T, typename A>
-const Op* operand_rows(const T* x, int64_t r, int64_t rows, int64_t P, const A* shift, Buffer<A>& shifted,
-                       Buffer<Op>& scratch) {
-  if constexpr (std::is_same_v<Op, A>) {
-    return rows_as(x, r, rows, P, P, shift, scratch);
-  } else {
-    if constexpr (std::is_same_v<Op, T>)
-      if (!shift) return x + r * P;
-    at::vec::convert(rows_as(x, r, rows, P, P, shift, shifted), scratch.data(), rows * P);
-    return scratch.data();
-  }
-}
 
 // project_kernel with operands Op: A, or bfloat16 on vdpbf16ps.
 template <typename Op, typename T, typename A>
@@ -300,7 +126,8 @@ void next_values_backward_kernel(const T* grad_out, const T* grad_next_values, c
                                  bool bfloat16_products) {
   project_kernel<T, A>(grad_next_values, nullptr, next_weight, nullptr, nullptr, nullptr, nullptr, grad_out, grad_total,
                        R, F, 0, C, bfloat16_products);
-  moments_kernel<T, A>(grad_next_values, nullptr, out, nullptr, grad_next_bias, grad_next_weight, R, F, C);
+  moments_kernel<T, A>(grad_next_values, nullptr, out, nullptr, grad_next_bias, grad_next_weight, R, F, C,
+                       bfloat16_products);
 }
 
 // BatchNorm's backward through u = y W^T + b, with g = grad_out and xhat = (u - mean)
