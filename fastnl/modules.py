@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastnl import affinities, batch_norm
+from fastnl import affinities, batch_norm, linear_parts
 from fastnl.functional import nonlocal_attend
 from fastnl.shared_affinity import SharedAffinity
 
@@ -159,15 +159,15 @@ class Affinity(nn.Module):
             theta = phi = rows
             values = branch.values(rows, spatial) if branch is not None else ()
         else:
-            # theta, phi (and the branch's g) as one GEMM (B, N, 2C' or 3C'); its parts made
-            # contiguous once here, not by every operator call of a stage
+            # theta, phi (and the branch's g) as one projection, each part contiguous rows
+            # (B, N, C') once here, not copied by every operator call of a stage
             phi_conv = self.phi[0] if self.pool is not None else self.phi
             convs = [self.theta, phi_conv] + ([branch.g] if branch is not None else [])
             weight = torch.cat([_conv_weight(conv) for conv in convs])
-            embedded = F.linear(rows, weight, torch.cat([conv.bias for conv in convs]))
-            parts = [part.contiguous() for part in embedded.split([conv.out_channels for conv in convs], dim=-1)]
-            theta, phi = parts[:2]
-            values = branch.pooled(parts[2], spatial) if branch is not None else ()
+            embedded = linear_parts.parts(rows, weight, torch.cat([conv.bias for conv in convs]),
+                                          [conv.out_channels for conv in convs])
+            theta, phi = embedded[:2]
+            values = branch.pooled(embedded[2], spatial) if branch is not None else ()
         if self.pool is not None:
             phi, _ = _pool_rows(self.pool, phi, spatial)
         if self.kernel == "concat":

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastnl {
 
@@ -59,6 +60,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projected_bat
     const Tensor& grad_out, const Tensor& y, const Tensor& weight, const Tensor& gamma, const Tensor& offset,
     const Tensor& covariance, const Tensor& invstd, const OptionalTensor& grad_next_values, const OptionalTensor& out,
     const OptionalTensor& next_weight, bool bfloat16_products);
+
+// The modules' embeddings (linear_parts.cpp): rows x (R, P) of float32 or float64
+// times weight (Q, P) plus bias (Q) like them, the Q columns cut into parts of `widths`
+// (summing to Q), each returned contiguous (R, width). Backward, from the parts'
+// gradients: (dx, dW, db).
+std::vector<Tensor> linear_parts_forward(const Tensor& rows, const Tensor& weight, const Tensor& bias,
+                                         at::IntArrayRef widths);
+std::tuple<Tensor, Tensor, Tensor> linear_parts_backward(at::TensorList grads, const Tensor& rows,
+                                                         const Tensor& weight);
 
 // Whether the softmax operators take bfloat16 here: built with FASTNL_AVX512_BF16
 // (fastnl/backends/cpp.py adds it, and -mavx512bf16, for a CPU that has the

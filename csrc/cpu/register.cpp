@@ -87,6 +87,8 @@ TORCH_LIBRARY(fastnl_cpp, m) {
       "Tensor covariance, Tensor invstd, Tensor? grad_next_values=None, Tensor? out=None, "
       "Tensor? next_weight=None, bool bfloat16_products=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor)");
+  m.def("linear_parts_forward(Tensor rows, Tensor weight, Tensor bias, int[] widths) -> Tensor[]");
+  m.def("linear_parts_backward(Tensor[] grads, Tensor rows, Tensor weight) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
@@ -100,4 +102,6 @@ TORCH_LIBRARY_IMPL(fastnl_cpp, CPU, m) {
   m.impl("concat_backward", &fastnl::concat_backward);
   m.impl("projected_batch_norm_forward", &fastnl::projected_batch_norm_forward);
   m.impl("projected_batch_norm_backward", &fastnl::projected_batch_norm_backward);
+  m.impl("linear_parts_forward", &fastnl::linear_parts_forward);
+  m.impl("linear_parts_backward", &fastnl::linear_parts_backward);
 }
