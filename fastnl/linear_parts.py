@@ -8,7 +8,8 @@ gradients, a copy of narrow rows, before two more GEMMs. Here the forward writes
 part where it goes, and the backward is dx = sum_k g_k W_k in one pass over the parts'
 gradients, with dW_k = g_k^T x and db_k = the column sums of g_k as the moments
 fastnl.batch_norm takes. `NonlocalStage(32, num_blocks=3)`'s embeddings at B=128,
-16x16, fwd+bwd in float32: 1.36-1.70x faster (paired, Zen 4).
+16x16, fwd+bwd in float32: 1.29-1.70x faster (paired, Zen 4;
+benchmarks/test_row_operators_bench.py).
 
 float32 and float64 rows only: under bf16 autocast the GEMM's bf16 products (oneDNN)
 with its split and concatenation were as fast as this operator's on vdpbf16ps (paired,
@@ -70,9 +71,8 @@ def parts(rows, weight, bias, widths):
     """rows (..., P), weight (Q, P), bias (Q) -> [rows weight_k^T + bias_k (..., width_k)]
     for the row blocks weight_k of `widths`, each contiguous. Under autocast, which casts
     float32 rows to its dtype, F.linear computes them."""
-    flat = rows.flatten(0, -2)
     autocast = torch.is_autocast_enabled(rows.device.type) and rows.dtype != torch.float64
-    if not autocast and applies(flat, weight, bias):
-        outs = _forward(flat.contiguous(), weight, bias, list(widths))
+    if not autocast and rows.dim() >= 2 and applies(rows.flatten(0, -2), weight, bias):
+        outs = _forward(rows.flatten(0, -2).contiguous(), weight.contiguous(), bias.contiguous(), list(widths))
         return [part.view(*rows.shape[:-1], width) for part, width in zip(outs, widths)]
     return [part.contiguous() for part in F.linear(rows, weight, bias).split(list(widths), dim=-1)]

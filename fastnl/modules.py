@@ -25,10 +25,11 @@ A channels-last input (`torch.channels_last`, or the 1D/3D equivalent) is such r
 already, viewed without a copy, and the output is a channels-last view of the result
 rows; any other input (contiguous, or strided otherwise) is copied into rows once and
 the result copied back once into a contiguous tensor. Between the two, every 1x1
-convolution is a GEMM on the rows (`F.linear` with the convolution's own weight, so the
-parameters keep their names and shapes and old checkpoints load as they are), theta,
-phi and the first block's g are one GEMM, and BatchNorm and max-pooling run on
-channels-last views of the rows.
+convolution is a projection of the rows with the convolution's own weight (so the
+parameters keep their names and shapes and old checkpoints load as they are): theta,
+phi and the first block's g are one (fastnl.linear_parts on float32 CPU rows, else one
+`F.linear`), W_z with its BatchNorm another (fastnl.batch_norm in training on the CPU),
+and BatchNorm and max-pooling otherwise run on channels-last views of the rows.
 """
 import math
 

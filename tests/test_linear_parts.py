@@ -87,6 +87,26 @@ def test_bitwise_the_same_on_one_and_two_threads():
         assert torch.equal(a, b)
 
 
+def test_wide_operands_sum_several_row_chunks_a_work_item():
+    """Gradients (R, 128) against rows (R, 512): the backward's partial sums would pass
+    their budget (row_products.h's kPartialSums) at one work item per 256 rows, so each
+    sums several; the result is the same as in float64."""
+    rows, weight, bias, grads = make((17000, 512, [64, 64]), torch.float32)
+    expected = truth(rows, weight, bias, grads, [64, 64])
+    assert_matches(torch.float32, fused(rows, weight, bias, grads, [64, 64]), expected, [64, 64])
+
+
+def test_parts_take_any_strides_and_one_row_as_f_linear_does():
+    rows, weight, bias, _ = make((30, 6, [2, 4]), torch.float32)
+    weight_t = weight.t().contiguous().t()  # (Q, P) in transposed strides
+    strided_bias = torch.stack([bias, bias], dim=1)[:, 0]
+    for args in ((rows, weight_t, strided_bias), (rows[0], weight, bias)):
+        got = linear_parts.parts(*args, [2, 4])
+        for part, exact in zip(got, F.linear(*args).split([2, 4], dim=-1)):
+            assert part.is_contiguous()
+            torch.testing.assert_close(part, exact, rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck():
     rows, weight, bias, _ = make((20, 3, [2, 1, 3]), torch.float64)
     inputs = [t.requires_grad_() for t in (rows, weight, bias)]

@@ -114,7 +114,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_parts_backward(at::TensorList grads, c
                                                          const Tensor& weight) {
   TORCH_CHECK(!grads.empty(), "linear_parts_backward needs the parts' gradients");
   std::vector<int64_t> widths;
-  for (const auto& grad : grads) widths.push_back(grad.dim() == 2 ? grad.size(1) : 0);
+  for (const auto& grad : grads) {
+    TORCH_CHECK(grad.dim() == 2, "grads must be (R, width) each, got shape ", grad.sizes());
+    widths.push_back(grad.size(1));
+  }
   const int64_t Q = total_width(widths);
   check_parts(rows, weight, Q);
   const int64_t R = rows.size(0), P = rows.size(1);

@@ -17,7 +17,10 @@
 
 namespace fastnl {
 
-constexpr int64_t kChunkRows = 256;  // rows a reduction work item sums
+constexpr int64_t kChunkRows = 256;  // rows a reduction work item sums at a time
+// at most this many partial sums across a reduction's work items (16 MB in float32):
+// wide operands get work items of several kChunkRows
+constexpr int64_t kPartialSums = int64_t(1) << 22;
 
 // sums (kCross, n lanes; rows ldc apart) += x (rows, kCross)^T w (rows, n lanes), x's
 // rows ldx apart, w's ldw: the kCross accumulators stay in registers over all the
@@ -61,7 +64,7 @@ const A* rows_as(const T* x, int64_t r, int64_t rows, int64_t C, int64_t ld, con
 }
 
 #if defined(FASTNL_AVX512_BF16)
-// sums (width) = the column sums of `rows` rows in pairs (pack_rows, (rows / 2, width, 2)):
+// sums (width) += the column sums of `rows` rows in pairs (pack_rows, ((rows + 1) / 2, width, 2)):
 // each pair times (1, 1) on vdpbf16ps, exact products in float32 sums.
 inline void pair_sums(const c10::BFloat16* pairs, int64_t rows, int64_t width, float* sums) {
   constexpr int64_t L = Vec<float>::size();
@@ -69,7 +72,7 @@ inline void pair_sums(const c10::BFloat16* pairs, int64_t rows, int64_t width, f
   for (int64_t p = 0; p < width; p += L) {
     const int64_t n = std::min(L, width - p);
     const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << (2 * n)) - 1);
-    Vec<float> total(0.0f);
+    Vec<float> total = Vec<float>::loadu(sums + p, n);
     for (int64_t g = 0; g < (rows + 1) / 2; ++g)
       total = _mm512_dpbf16_ps(total, (__m512bh)_mm512_maskz_loadu_epi16(mask, pairs + 2 * (g * width + p)), ones);
     total.store(sums + p, n);
@@ -88,7 +91,8 @@ struct ColumnBlocks {
 
 // sum_a = the sum of the rows of a - a_shift (P), cross = (a - a_shift)^T (b - b_shift)
 // (P, Q), for rows a (R, P) in column blocks and b (R, Q); the shifts may be null. Each
-// chunk of rows: per block, its sums and its kCross rows of products at a time in
+// chunk of rows (kChunkRows, or a multiple of it where the chunks' partial sums would
+// pass kPartialSums): per block, its sums and its kCross rows of products at a time in
 // registers (add_cross), into the chunk's own partial sums, added in chunk order.
 // bfloat16_products (bfloat16 rows, no shifts): each block's rows and b's in pairs
 // (pack_rows) and its products a matmul_tile on vdpbf16ps contracted over the rows, the
@@ -97,7 +101,7 @@ template <typename T, typename A>
 void moments_kernel(const ColumnBlocks<T>& a, const A* a_shift, const T* b, const A* b_shift, A* sum_a, A* cross,
                     int64_t R, int64_t Q, bool bfloat16_products = false) {
   constexpr int64_t L = Vec<A>::size();
-  const int64_t chunks = (R + kChunkRows - 1) / kChunkRows, ld = padded<A>(Q), P = a.width();
+  const int64_t ld = padded<A>(Q), P = a.width();
   // per block: its sums and product rows padded to kCross, offsets in the chunk's partial
   std::vector<int64_t> padded_widths, offsets{0};
   for (const int64_t width : a.widths) {
@@ -106,6 +110,9 @@ void moments_kernel(const ColumnBlocks<T>& a, const A* a_shift, const T* b, cons
   }
   const int64_t widest = *std::max_element(padded_widths.begin(), padded_widths.end());
   const int64_t size = offsets.back();
+  const int64_t steps =
+      std::max<int64_t>(1, ((R + kChunkRows - 1) / kChunkRows * size + kPartialSums - 1) / kPartialSums);
+  const int64_t chunk_rows = steps * kChunkRows, chunks = (R + chunk_rows - 1) / chunk_rows;
   Buffer<A> partial(chunks * size);  // zero
 #if defined(FASTNL_AVX512_BF16)
   constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;
@@ -114,10 +121,10 @@ void moments_kernel(const ColumnBlocks<T>& a, const A* a_shift, const T* b, cons
 #endif
   const bool pairs = kPairs && bfloat16_products && !a_shift && !b_shift;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Buffer<A> a_scratch(kChunkRows * widest), b_scratch(pairs ? 0 : kChunkRows * ld);  // zero padding
+    Buffer<A> a_scratch(pairs ? 0 : kChunkRows * widest), b_scratch(pairs ? 0 : kChunkRows * ld);  // zero padding
     Buffer<T> a_pairs(pairs ? kChunkRows * widest : 0), b_pairs(pairs ? kChunkRows * ld : 0);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t r0 = chunk * kChunkRows, rows = std::min(R, r0 + kChunkRows) - r0;
+    for (int64_t step = begin * steps; step < std::min(end * steps, (R + kChunkRows - 1) / kChunkRows); ++step) {
+      const int64_t chunk = step / steps, r0 = step * kChunkRows, rows = std::min(R, r0 + kChunkRows) - r0;
       const A* w = nullptr;
       if constexpr (kPairs) {
         if (pairs) pack_rows(b + r0 * Q, rows, Q, b_pairs.data(), ld);
@@ -133,7 +140,8 @@ void moments_kernel(const ColumnBlocks<T>& a, const A* a_shift, const T* b, cons
             constexpr int64_t G = Product<T>::kGroup;
             pack_rows(a.data[k] + r0 * width, rows, width, a_pairs.data(), width);
             pair_sums(a_pairs.data(), rows, width, sums);
-            matmul_tile<T>(width, ld, rows, a_pairs.data(), G, G * width, b_pairs.data(), ld, products, ld, false);
+            matmul_tile<T>(width, ld, rows, a_pairs.data(), G, G * width, b_pairs.data(), ld, products, ld,
+                           step % steps > 0);
           }
         }
         if (!pairs) {
@@ -143,7 +151,7 @@ void moments_kernel(const ColumnBlocks<T>& a, const A* a_shift, const T* b, cons
           for (int64_t p = 0; p < Pp; p += L) {
             Vec<A> total(A(0));
             for (int64_t i = 0; i < rows; ++i) total = total + Vec<A>::loadu(x + i * Pp + p);
-            total.store(sums + p);
+            (Vec<A>::loadu(sums + p) + total).store(sums + p);
           }
           for (int64_t p = 0; p < Pp; p += kCross)
             for (int64_t c = 0; c < ld; c += L) add_cross(x + p, Pp, w + c, ld, rows, products + p * ld + c, ld);
