@@ -72,7 +72,8 @@ def parts(rows, weight, bias, widths):
     for the row blocks weight_k of `widths`, each contiguous. Under autocast, which casts
     float32 rows to its dtype, F.linear computes them."""
     autocast = torch.is_autocast_enabled(rows.device.type) and rows.dtype != torch.float64
-    if not autocast and rows.dim() >= 2 and applies(rows.flatten(0, -2), weight, bias):
-        outs = _forward(rows.flatten(0, -2).contiguous(), weight.contiguous(), bias.contiguous(), list(widths))
+    flat = rows.flatten(0, -2) if rows.dim() >= 2 else None
+    if not autocast and flat is not None and applies(flat, weight, bias):
+        outs = _forward(flat.contiguous(), weight.contiguous(), bias.contiguous(), list(widths))
         return [part.view(*rows.shape[:-1], width) for part, width in zip(outs, widths)]
     return [part.contiguous() for part in F.linear(rows, weight, bias).split(list(widths), dim=-1)]

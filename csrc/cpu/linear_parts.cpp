@@ -16,20 +16,23 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <numeric>
 #include <vector>
 
 namespace fastnl {
 namespace {
 
-// outs[k] (R, widths[k]) = x weight_t[:, offset_k:offset_k + widths[k]] + bias[offset_k..]
-// for weight_t (P, Q), the parts side by side in Q.
+// outs[k] (R, widths[k]) = x weight[offset_k:offset_k + widths[k], :]^T + bias[offset_k..]
+// for weight (Q, P), the parts side by side in Q.
 template <typename T>
-void forward_kernel(const T* x, const T* weight_t, const T* bias, const std::vector<T*>& outs,
+void forward_kernel(const T* x, const T* weight, const T* bias, const std::vector<T*>& outs,
                     const std::vector<int64_t>& widths, int64_t R, int64_t P, int64_t Q) {
-  // a part's column blocks read whole vectors of the packed rows from its offset on:
-  // one vector more than Q keeps the last part's reads inside each row
+  // weight^T (P, Q) as project_block reads it; a part's column blocks read whole vectors
+  // of its rows from the part's offset on: one vector more than Q keeps the last part's
+  // reads inside each row
   const int64_t ldw = padded<T>(Q + Vec<T>::size());
-  const Buffer<T> w = packed_weight<T>(weight_t, P, Q, ldw);
+  Buffer<T> w(P * ldw);
+  pack_transposed(weight, Q, P, w.data(), ldw);
   at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
       const int64_t rows = std::min(kChunkRows, end - r0);
@@ -48,20 +51,18 @@ void forward_kernel(const T* x, const T* weight_t, const T* bias, const std::vec
 template <typename T>
 void grad_rows_kernel(const std::vector<const T*>& grads, const T* weight, const std::vector<int64_t>& widths,
                       T* grad_x, int64_t R, int64_t P) {
-  const int64_t ldw = padded<T>(P);
-  std::vector<Buffer<T>> packed;
-  int64_t offset = 0;
-  for (const int64_t width : widths) {
-    packed.push_back(packed_weight<T>(weight + offset * P, width, P, ldw));
-    offset += width;
-  }
+  const int64_t ldw = padded<T>(P), Q = std::accumulate(widths.begin(), widths.end(), int64_t(0));
+  const Buffer<T> w = packed_weight<T>(weight, Q, P, ldw);  // part k's rows from offset_k on
   at::parallel_for(0, R, kChunkRows, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
       const int64_t rows = std::min(kChunkRows, end - r0);
       T* result = grad_x + r0 * P;
-      for (size_t k = 0; k < grads.size(); ++k)
-        project_rows_of(rows, grads[k] + r0 * widths[k], widths[k], packed[k].data(), ldw,
+      int64_t offset = 0;
+      for (size_t k = 0; k < grads.size(); ++k) {
+        project_rows_of(rows, grads[k] + r0 * widths[k], widths[k], w.data() + offset * ldw, ldw,
                         static_cast<const T*>(nullptr), k == 0 ? nullptr : result, result, P);
+        offset += widths[k];
+      }
     }
   });
 }
@@ -98,14 +99,11 @@ std::vector<Tensor> linear_parts_forward(const Tensor& rows, const Tensor& weigh
   std::vector<Tensor> outs;
   for (const int64_t width : widths) outs.push_back(at::empty({R, width}, rows.options()));
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastnl_cpp::linear_parts_forward", [&] {
-    Buffer<scalar_t> weight_t(P * Q);  // (P, Q): project_block's layout
-    const scalar_t* w = weight.const_data_ptr<scalar_t>();
-    for (int64_t q = 0; q < Q; ++q)
-      for (int64_t p = 0; p < P; ++p) weight_t[p * Q + q] = w[q * P + p];
     std::vector<scalar_t*> pointers;
     for (auto& out : outs) pointers.push_back(out.data_ptr<scalar_t>());
-    forward_kernel<scalar_t>(rows.const_data_ptr<scalar_t>(), weight_t.data(), bias.const_data_ptr<scalar_t>(),
-                             pointers, std::vector<int64_t>(widths.begin(), widths.end()), R, P, Q);
+    forward_kernel<scalar_t>(rows.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                             bias.const_data_ptr<scalar_t>(), pointers,
+                             std::vector<int64_t>(widths.begin(), widths.end()), R, P, Q);
   });
   return outs;
 }
