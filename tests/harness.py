@@ -6,6 +6,7 @@ through the public functions (on any backend, device and dtype), and
 `assert_matches_reference` applies the one tolerance rule, `assert_close_to_truth`:
 against the float64 truth, at most twice the error of fastnl.reference computed in the
 same dtype on the same device, plus a floor per dtype. `compare` is all three at once.
+`on_one_and_two_threads` checks that a computation does not depend on the thread count.
 """
 import torch
 
@@ -124,3 +125,17 @@ def compare(backend, kernel, mode, shape, dtype, *, magnitude=1.0, scale=None, d
     inputs = make_inputs(shape, dtype, mode, kernel=kernel, magnitude=magnitude, device=device)
     results = backend_results(kernel, mode, backend, *inputs, scale)
     assert_matches_reference(results, kernel, mode, *inputs, scale)
+
+
+def on_one_and_two_threads(function):
+    """function()'s tensors on 1 and on 2 threads, checked bitwise equal: -> the first."""
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(list(function()))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(results[0]) == len(results[1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    return results[0]

@@ -4,6 +4,7 @@ nn.BatchNorm in float64: outputs, every gradient, the running statistics, and th
 module paths that take it; gradcheck in float64, thread-count determinism, the checks."""
 import pytest
 import torch
+from harness import on_one_and_two_threads
 from torch import nn
 
 import fastnl
@@ -185,7 +186,7 @@ def test_bfloat16_rows_either_way(products, monkeypatch):
         monkeypatch.setattr(cpu_rows, "bfloat16_products", lambda rows: False)
     rows, res, grad, weight, bias, bn = make((3000, 17, 33), torch.bfloat16)
     expected_out, expected_grads, _ = truth(bn, weight, bias, rows, res, grad)
-    results = on_one_and_two_threads(bn, weight, bias, rows, res, grad)
+    results = on_one_and_two_threads(lambda: fused_results(bn, weight, bias, rows, res, grad))
     assert_matches(torch.bfloat16, results, (expected_out, *expected_grads), expected_grads[1].abs().max().item())
 
 
@@ -236,23 +237,15 @@ def test_gradcheck_float64(residual):
     assert torch.autograd.gradcheck(function, inputs)
 
 
-def on_one_and_two_threads(bn, weight, bias, rows, residual, grad):
-    """[out, *grads] of the fused branch, checked bitwise equal on 1 and 2 threads."""
-    threads, results = torch.get_num_threads(), []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            out, grads, _ = fused(bn, weight, bias, rows, residual, grad)
-            results.append([out, *grads])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
-    return results[0]
+def fused_results(bn, weight, bias, rows, residual, grad):
+    """[out, *grads] of the fused branch."""
+    out, grads, _ = fused(bn, weight, bias, rows, residual, grad)
+    return [out, *grads]
 
 
 def test_one_and_two_threads_agree_bitwise():
     rows, res, grad, weight, bias, bn = make((3000, 16, 32), torch.float32)
-    on_one_and_two_threads(bn, weight, bias, rows, res, grad)
+    on_one_and_two_threads(lambda: fused_results(bn, weight, bias, rows, res, grad))
 
 
 def test_applies_to_batch_statistics_on_cpu_rows_only():

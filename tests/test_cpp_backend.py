@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from harness import NAMES, assert_matches_reference, backend_results, make_inputs
+from harness import NAMES, assert_matches_reference, backend_results, make_inputs, on_one_and_two_threads
 
 import fastnl
 from fastnl import affinities, backends, reference
@@ -49,20 +49,11 @@ def test_one_and_two_threads_agree_bitwise(kernel, dtype, products, monkeypatch)
     (bfloat16: on the native kernels, with either kind of products)."""
     if dtype == torch.bfloat16:
         choose_products(monkeypatch, products)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            for shape in [(1, 700, 650, 8, 16), (3, 130, 300, 16, 48), (16, 40, 50, 8, 16)]:
-                inputs = make_inputs(shape, dtype, kernel=kernel)
-                results.append(forward_backward(inputs, kernel))
-    finally:
-        torch.set_num_threads(threads)
-    half = len(results) // 2
-    for one_thread, two_threads in zip(results[:half], results[half:]):
-        for a, b in zip(one_thread, two_threads):
-            assert a.dtype == dtype and torch.equal(a, b)
+    def results():
+        return [tensor for shape in [(1, 700, 650, 8, 16), (3, 130, 300, 16, 48), (16, 40, 50, 8, 16)]
+                for tensor in forward_backward(make_inputs(shape, dtype, kernel=kernel), kernel)]
+
+    assert all(tensor.dtype == dtype for tensor in on_one_and_two_threads(results))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -5,6 +5,7 @@ bfloat16 rows) and the checks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import on_one_and_two_threads
 
 from fastnl import backends, linear_parts
 
@@ -75,16 +76,12 @@ def test_parts_and_gradients_match_float64(shape, dtype):
 def test_bitwise_the_same_on_one_and_two_threads():
     shape = (3000, 17, [16, 9, 16])
     rows, weight, bias, grads = make(shape, torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fused(rows, weight, bias, grads, shape[2])
-        torch.set_num_threads(2)
-        two = fused(rows, weight, bias, grads, shape[2])
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip([*one[0], *one[1]], [*two[0], *two[1]]):
-        assert torch.equal(a, b)
+
+    def results():
+        outs, found = fused(rows, weight, bias, grads, shape[2])
+        return [*outs, *found]
+
+    on_one_and_two_threads(results)
 
 
 def test_wide_operands_sum_several_row_chunks_a_work_item():
