@@ -66,6 +66,51 @@ def test_non_contiguous_inputs(kernel):
         assert torch.equal(got, expected)
 
 
+# the softmax's operand types, bf16 on the native kernels with each kind of products
+SOFTMAX_OPERANDS = [(torch.float32, None), (torch.float64, None)] + [(torch.bfloat16, products) for products in PRODUCTS]
+
+
+@pytest.mark.parametrize("dtype, products", SOFTMAX_OPERANDS, ids=str)
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 0.7])
+def test_sharp_logits_of_either_sign(dtype, products, scale, monkeypatch):
+    """Logits up to about +-140 (query and key x 3, D = 16), past float32's exp range: each
+    query's running maximum must be that of the scaled logits, the products' minimum under
+    a negative scale, or exps overflow. Every output finite, and against the float64 truth:
+    by the harness's rule, or in float32 within |log_normalizer| eps(float32), the error
+    of the stored row statistic (as test_backends.test_large_logits_float32)."""
+    if products:
+        choose_products(monkeypatch, products)
+    inputs = make_inputs((2, 150, 260, 16, 16), dtype, magnitude=3.0)
+    results = backend_results("softmax", "diffuse", "cpp", *inputs, scale)
+    assert all(torch.isfinite(result).all() for result in results)
+    if dtype != torch.float32:
+        assert_matches_reference(results, "softmax", "diffuse", *inputs, scale)
+        return
+    truth = backend_results("softmax", "diffuse", "reference", *inputs, scale, dtype=torch.float64)
+    max_logit = abs(scale) * (inputs[0].double() @ inputs[1].double().transpose(1, 2)).abs().max().item()
+    for name, actual, expected in zip(NAMES, results, truth):
+        bound = 4 * torch.finfo(torch.float32).eps * max(max_logit, 1.0) * max(1.0, expected.abs().max().item())
+        assert (actual.double() - expected).abs().max().item() <= bound, name
+
+
+@pytest.mark.parametrize("dtype, products", SOFTMAX_OPERANDS, ids=str)
+def test_a_negative_scale_is_the_negated_query_bitwise(dtype, products, monkeypatch):
+    """(q, -s) and (-q, s) have the same logits, bit for bit, in every kernel: the same
+    out, log_normalizer, dK and dV, and dQ negated."""
+    if products:
+        choose_products(monkeypatch, products)
+    ops = torch.ops.fastnl_cpp
+    query, key, value, center, grad_out = make_inputs((2, 150, 260, 16, 16), dtype)
+    out, log_normalizer = ops.softmax_forward(query, key, value, center, None, -0.7)
+    flipped_out, flipped_log_normalizer = ops.softmax_forward(-query, key, value, center, None, 0.7)
+    assert torch.equal(out, flipped_out) and torch.equal(log_normalizer, flipped_log_normalizer)
+    grad_query, grad_key, grad_value = ops.softmax_backward(grad_out, query, key, value, center, out, log_normalizer,
+                                                            -0.7)
+    flipped = ops.softmax_backward(grad_out, -query, key, value, center, out, log_normalizer, 0.7)
+    assert torch.equal(grad_query, -flipped[0]) and torch.equal(grad_key, flipped[1])
+    assert torch.equal(grad_value, flipped[2])
+
+
 def test_denormal_mode_is_restored_after_the_kernels():
     # the softmax kernels flush denormals on their threads (tile_math.h, FlushDenormals);
     # the caller's thread, which runs a share of the work, must get its mode back

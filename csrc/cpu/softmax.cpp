@@ -6,8 +6,10 @@
 // lanes: logits^T (keys, Q) and accumulator^T (E, Q). Both products then run on whole
 // register blocks (q.k reads K's rows in place, p v reads V's), the statistics are
 // per-lane vector operations with no horizontal reductions, and nothing but the
-// query tile is packed. With a known log_normalizer (a stage's later blocks) it is a
-// single pass without rescaling.
+// query tile is packed. The q.k product takes each tile's column maxima as its blocks
+// leave the registers (matmul_rows' MAXIMA), so the online softmax reads the logits
+// once. With a known log_normalizer (a stage's later blocks) it is a single pass
+// without rescaling.
 // Backward: one work item per (batch, query group) walks the key tiles once and
 // accumulates dQ for its rows and dK^T, dV^T for all keys: with one group a batch
 // (B >= 16) it writes its batch's dK, dV itself; else into its own slot of a
@@ -127,21 +129,21 @@ inline std::array<Vec<A>, G> probabilities(A* logits, Op* pairs, int64_t keys, i
   return p;
 }
 
-// Online softmax over one logits^T tile (keys rows, Q columns): new column maxima, the
-// correction factors of what was accumulated under the old ones, probabilities where
-// p v reads them (store_probabilities), running sums. NaN may be skipped by the maxima
-// (clamp_min is a plain max): fast_exp carries it into the sums, so a NaN logit makes
-// its query NaN.
+// Online softmax over one logits^T tile (keys rows, Q columns) whose column maxima the
+// product left in tile_max (unscaled where SCALE; scale >= 0, so scaling keeps them
+// maxima): new column maxima, the correction factors of what was accumulated under the
+// old ones, probabilities where p v reads them (store_probabilities), running sums. NaN
+// may be skipped by the maxima (clamp_min is a plain max): fast_exp carries it into the
+// sums, so a NaN logit makes its query NaN.
 template <bool SCALE, int64_t Q, typename Op, typename T>
-void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, T* column_max, T* correction, T* column_sum) {
+void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, const T* tile_max, T* column_max,
+                            T* correction, T* column_sum) {
   constexpr int64_t L = Vec<T>::size(), V = Q / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
   Vec<T> new_max[V], tile_sum[V];
   std::array<ShiftedExp<T>, V> exps;
-  for (int v = 0; v < V; ++v) new_max[v] = Vec<T>::loadu(column_max + v * L);
-  for (int64_t j = 0; j < keys; ++j)
-    for (int v = 0; v < V; ++v)
-      new_max[v] = at::vec::clamp_min(new_max[v], load_logits<SCALE>(logits + j * Q + v * L, factor));
+  for (int v = 0; v < V; ++v)
+    new_max[v] = at::vec::clamp_min(Vec<T>::loadu(column_max + v * L), load_logits<SCALE>(tile_max + v * L, factor));
   for (int v = 0; v < V; ++v) {
     fast_exp(Vec<T>::loadu(column_max + v * L) - new_max[v]).store(correction + v * L);
     new_max[v].store(column_max + v * L);
@@ -180,6 +182,11 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
   constexpr bool kScale = Product<T>::kScalesLogits;
   static_assert(Q % (kWideVecs * L) == 0, "query tiles are whole register blocks wide");
   const int64_t D = s.width_qk, E = s.width_v, N = s.queries, M = s.keys;
+  // kScale: the softmax scales the products, by |scale|, a negative scale's sign going
+  // into the packed query (exactly), so that the maxima of the products are those of
+  // the logits (online_softmax_columns)
+  const bool negative_scale = kScale && scale < 0;
+  const A logit_scale = negative_scale ? -scale : scale;
   const bool amx = amx_products<T>(D, E);
   const int64_t tile_keys = G > 1 ? kBfloat16ForwardKeyTile : kForwardKeyTile;
   const int64_t query_tiles = (N + Q - 1) / Q, key_tile = std::min(tile_keys, M);
@@ -197,7 +204,7 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
     const ReleaseTiles release(amx);
     Buffer<T> query_t(round_up(D, G) * Q), probs(G > 1 ? round_up(key_tile, G) * Q : 0);
     Buffer<A> logits(key_tile * Q), acc(E * Q);
-    Buffer<A> column_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q), out_rows(Q * E);
+    Buffer<A> column_max(Q), tile_max(Q), column_sum(Q), column_log_normalizer(Q), correction(Q), out_rows(Q * E);
     T* probs_out = nullptr;  // where the softmax leaves P^T for p v (store_probabilities)
     if constexpr (G > 1) {
       probs_out = probs.data();
@@ -208,8 +215,11 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       const int64_t b = item / query_tiles, q0 = (item % query_tiles) * Q;
       const int64_t rows = std::min(Q, N - q0);
       pack_transposed(query + (b * N + q0) * D, rows, D, query_t.data(), Q);  // columns rows..Q zero
-      if constexpr (!kScale)
+      if constexpr (!kScale) {
         for (auto& x : query_t) x *= scale;
+      } else if (negative_scale) {
+        for (auto& x : query_t) x = -x;
+      }
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(column_max.begin(), column_max.end(), -std::numeric_limits<A>::infinity());
       std::fill(column_sum.begin(), column_sum.end(), A(0));
@@ -219,13 +229,16 @@ void forward_kernel(const Shape& s, const T* query, const T* key, const T* value
       }
       for (int64_t k0 = 0; k0 < M; k0 += tile_keys) {
         const int64_t keys = std::min(tile_keys, M - k0);
-        matmul_rows<T, DEPTH>(amx, keys, Q, D, key + (b * M + k0) * D, D, G, query_t.data(), Q, logits.data(), Q,
-                              false);
+        const T* key_tile = key + (b * M + k0) * D;
         if (known) {
-          known_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, scale, column_log_normalizer.data());
+          matmul_rows<T, DEPTH>(amx, keys, Q, D, key_tile, D, G, query_t.data(), Q, logits.data(), Q, false);
+          known_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, logit_scale, column_log_normalizer.data());
         } else {
-          online_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, scale, column_max.data(), correction.data(),
-                                            column_sum.data());
+          std::fill(tile_max.begin(), tile_max.end(), -std::numeric_limits<A>::infinity());
+          matmul_rows<T, DEPTH, true>(amx, keys, Q, D, key_tile, D, G, query_t.data(), Q, logits.data(), Q, false,
+                                      tile_max.data());
+          online_softmax_columns<kScale, Q>(logits.data(), probs_out, keys, logit_scale, tile_max.data(),
+                                            column_max.data(), correction.data(), column_sum.data());
           // running maxima changed: rescale what was accumulated under the old ones
           for (int64_t e = 0; e < E; ++e)
             for (int64_t c = 0; c < Q; c += L) {
