@@ -11,7 +11,7 @@ KERNELS = affinities.names()  # every registered kernel
 
 # (B, N, M, D, E); a kernel that needs a width gets it (concat: D = 1), "diffuse_value"
 # runs with M = N. The cpp softmax tiles are 64 query rows x 128 keys forward, 32 x 128
-# backward (csrc/cpu/softmax.cpp; bf16 on AMX: 128 x 256 forward where N >= 128, 128 x 256 backward),
+# backward (csrc/cpu/softmax_tiles.h; bf16 on AMX: 128 x 256 forward where N >= 128, 128 x 256 backward),
 # in vectors of 16 floats / 8 doubles; the torch backend's key tiles are 128
 # (fastnl/backends/torch_tiled.py).
 SHAPES = [

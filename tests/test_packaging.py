@@ -14,7 +14,7 @@ from fastnl.app import _extras
 from fastnl.backends import _sources
 
 
-@pytest.mark.parametrize("part, expected", [("cpu", "softmax.cpp"), ("cuda", "softmax_kernels.cu")])
+@pytest.mark.parametrize("part, expected", [("cpu", "softmax_forward.cpp"), ("cuda", "softmax_kernels.cu")])
 def test_sources_are_found(part, expected):
     assert (_sources.source_dir(part) / expected).is_file()
 

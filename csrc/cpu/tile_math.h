@@ -311,11 +311,10 @@ inline V in_register(V value) {
 // C[r, :] (+)= sum_k A(r, k) B[k, :] for ROWS rows and VECS vectors of columns, all
 // in registers. A is read one group of k at a time through strides (a_col from one
 // group to the next), so a transposed A costs nothing; DEPTH > 0 fixes the depth at
-// compile time (the small widths D). MAXIMA: C's column maxima folded into `maxima`
-// (VECS vectors) from the registers.
-template <typename T, int ROWS, int VECS, int DEPTH, bool MAXIMA>
+// compile time (the small widths D).
+template <typename T, int ROWS, int VECS, int DEPTH>
 inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, Acc<T>* c, int64_t ldc,
-                          int64_t depth, bool accumulate, Vec<Acc<T>>* maxima) {
+                          int64_t depth, bool accumulate) {
   using P = Product<T>;
   constexpr int64_t L = Vec<Acc<T>>::size(), G = P::kGroup;
   Vec<Acc<T>> acc[ROWS][VECS];
@@ -334,58 +333,42 @@ inline void product_block(const T* a, int64_t a_row, int64_t a_col, const T* b, 
   for (int64_t k = 0; k < count / G; ++k) step(k, [](const T* at) { return P::broadcast(at); });
   if constexpr (G > 1)
     if (count % G) step(count / G, [](const T* at) { return P::broadcast_first(at); });
-  if constexpr (MAXIMA)
-    for (int r = 0; r < ROWS; ++r)
-      for (int v = 0; v < VECS; ++v) maxima[v] = at::vec::clamp_min(maxima[v], acc[r][v]);
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECS; ++v) acc[r][v].store(c + r * ldc + v * L);
 }
 
-// The blocks of VECS column vectors down all rows; MAXIMA: their column maxima folded
-// into column_max (VECS vectors), held in registers from block to block.
-template <typename T, int ROWS, int VECS, int DEPTH, bool MAXIMA>
+template <typename T, int ROWS, int VECS, int DEPTH>
 inline void product_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, Acc<T>* c,
-                         int64_t ldc, int64_t depth, bool accumulate, Acc<T>* column_max) {
-  constexpr int64_t L = Vec<Acc<T>>::size();
-  Vec<Acc<T>> maxima[VECS];
-  if constexpr (MAXIMA)
-    for (int v = 0; v < VECS; ++v) maxima[v] = Vec<Acc<T>>::loadu(column_max + v * L);
+                         int64_t ldc, int64_t depth, bool accumulate) {
   int64_t r = 0;
   for (; r + ROWS <= rows; r += ROWS)
-    product_block<T, ROWS, VECS, DEPTH, MAXIMA>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth,
-                                                accumulate, maxima);
+    product_block<T, ROWS, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, accumulate);
   for (; r < rows; ++r)
-    product_block<T, 1, VECS, DEPTH, MAXIMA>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, accumulate,
-                                             maxima);
-  if constexpr (MAXIMA)
-    for (int v = 0; v < VECS; ++v) maxima[v].store(column_max + v * L);
+    product_block<T, 1, VECS, DEPTH>(a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth, accumulate);
 }
 
 // C (rows, width) (+)= A (rows, depth) B (depth, width), A's group k of row r at
 // a + r * a_row + k * a_col (a_col = kGroup: A's rows in place, k contiguous) and B
 // packed as Product describes, ldb lanes a row. width is a multiple of the vector
-// size, and B, C rows are that wide (padded). MAXIMA: C's column maxima folded into
-// column_max (width) as the blocks leave their registers, so that the forward's online
-// softmax reads its logits once, for the exps, and not once more for the maxima.
-template <typename T, int DEPTH = 0, bool MAXIMA = false>
+// size, and B, C rows are that wide (padded).
+template <typename T, int DEPTH = 0>
 inline void matmul_tile(int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
-                        const T* b, int64_t ldb, Acc<T>* c, int64_t ldc, bool accumulate,
-                        Acc<T>* column_max = nullptr) {
+                        const T* b, int64_t ldb, Acc<T>* c, int64_t ldc, bool accumulate) {
   constexpr int64_t L = Vec<Acc<T>>::size(), G = Product<T>::kGroup;
   int64_t column = 0;
   for (; column + kWideVecs * L <= width; column += kWideVecs * L)
-    product_rows<T, kWideRows, kWideVecs, DEPTH, MAXIMA>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc,
-                                                         depth, accumulate, column_max + (MAXIMA ? column : 0));
+    product_rows<T, kWideRows, kWideVecs, DEPTH>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
+                                                 accumulate);
 #if defined(CPU_CAPABILITY_AVX512)
   // two vectors left (widths of 32 floats): 8 x 2 accumulators, 10 loads per 16 FMAs
   // where two 8 x 1 passes took 18
   for (; column + 2 * L <= width; column += 2 * L)
-    product_rows<T, kNarrowRows, 2, DEPTH, MAXIMA>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
-                                                   accumulate, column_max + (MAXIMA ? column : 0));
+    product_rows<T, kNarrowRows, 2, DEPTH>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
+                                           accumulate);
 #endif
   for (; column < width; column += L)
-    product_rows<T, kNarrowRows, 1, DEPTH, MAXIMA>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
-                                                   accumulate, column_max + (MAXIMA ? column : 0));
+    product_rows<T, kNarrowRows, 1, DEPTH>(rows, a, a_row, a_col, b + column * G, ldb, c + column, ldc, depth,
+                                           accumulate);
 }
 
 // The lane sums of 16 vectors of 16 lanes, as one vector: lane v = the sum of the
@@ -448,29 +431,20 @@ inline bool amx_products(int64_t width_qk, int64_t width_v) {
 // row), A's group k of row r at a + r * a_row + k * a_col: matmul_tile, or with `amx`
 // one oneDNN brgemm on AMX tiles, whose bf16 B layout (depth / 2, ldb, 2) is Product's.
 // brgemm reads A row-major only (a_col = kGroup, lda = a_row), and rounds an odd depth
-// up: A's column past it must be zero, as B's missing last k is. MAXIMA as matmul_tile's
-// (after brgemm, a pass over C).
-template <typename T, int DEPTH = 0, bool MAXIMA = false>
+// up: A's column past it must be zero, as B's missing last k is.
+template <typename T, int DEPTH = 0>
 inline void matmul_rows(bool amx, int64_t rows, int64_t width, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
-                        const T* b, int64_t ldb, Acc<T>* c, int64_t ldc, bool accumulate,
-                        Acc<T>* column_max = nullptr) {
+                        const T* b, int64_t ldb, Acc<T>* c, int64_t ldc, bool accumulate) {
 #if defined(FASTNL_AVX512_BF16)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (amx) {
       TORCH_INTERNAL_ASSERT(a_col == Product<T>::kGroup, "brgemm reads A row-major");
       at::native::cpublas::brgemm(rows, width, round_up(depth, 2), a_row, ldb, ldc, accumulate, a, b, c, true);
-      if constexpr (MAXIMA) {
-        constexpr int64_t L = Vec<float>::size();
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t column = 0; column < width; column += L)
-            at::vec::clamp_min(Vec<float>::loadu(column_max + column), Vec<float>::loadu(c + r * ldc + column))
-                .store(column_max + column);
-      }
       return;
     }
   }
 #endif
-  matmul_tile<T, DEPTH, MAXIMA>(rows, width, depth, a, a_row, a_col, b, ldb, c, ldc, accumulate, column_max);
+  matmul_tile<T, DEPTH>(rows, width, depth, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 // The strides matmul_rows reads an A operand through: group k of row r at r * row + k * col.
