@@ -67,7 +67,7 @@ def test_non_contiguous_inputs(kernel):
 
 
 # the softmax's operand types, bf16 on the native kernels with each kind of products
-SOFTMAX_OPERANDS = [(torch.float32, None), (torch.float64, None)] + [(torch.bfloat16, products) for products in PRODUCTS]
+SOFTMAX_OPERANDS = [(torch.float32, None), (torch.float64, None)] + [(torch.bfloat16, kind) for kind in PRODUCTS]
 
 
 @pytest.mark.parametrize("dtype, products", SOFTMAX_OPERANDS, ids=str)
