@@ -1,17 +1,19 @@
-// The softmax kernel, flash style: query tiles x key tiles, online softmax, only the
-// row log-sum-exp kept for the backward, tiles recomputed there; no N x M buffer.
+// The softmax kernel's forward, flash style: query tiles x key tiles, online softmax,
+// only the row log-sum-exp kept for the backward (softmax_backward.cpp), which
+// recomputes the tiles; no N x M buffer.
 //
-// Forward: one work item per (batch, query tile) owns its queries' running max, sum
-// and output accumulator across all key tiles, with the queries along the vector
-// lanes: logits^T (keys, Q) and accumulator^T (E, Q). Both products then run on whole
-// register blocks (q.k reads K's rows in place, p v reads V's), the statistics are
-// per-lane vector operations with no horizontal reductions, and nothing but the
-// query tile is packed. The q.k product takes each tile's column maxima block by block
-// while they are in L1 (logits_and_maxima), so the online softmax reads the tile once. With a known log_normalizer (a
-// stage's later blocks) it is a single pass without rescaling. Every work item runs with denormals flushed to zero
-// (tile_math.h, FlushDenormals). The operands are float32, float64 or, built with AVX512-BF16, bfloat16 (tile_math.h's
-// Product): logits, sums and accumulators are float32, P rounded to bf16 only as the p v
-// product's operand, V packed once a batch for it (pack_contracted_rows).
+// One work item per (batch, query tile) owns its queries' running max, sum and output
+// accumulator across all key tiles, with the queries along the vector lanes: logits^T
+// (keys, Q) and accumulator^T (E, Q). Both products then run on whole register blocks
+// (q.k reads K's rows in place, p v reads V's), the statistics are per-lane vector
+// operations with no horizontal reductions, and nothing but the query tile is packed.
+// The q.k product takes each tile's column maxima block by block while they are in L1
+// (logits_and_maxima), so the online softmax reads the tile once. With a known
+// log_normalizer (a stage's later blocks) it is a single pass without rescaling.
+// Every work item runs with denormals flushed to zero (tile_math.h, FlushDenormals).
+// The operands are float32, float64 or, built with AVX512-BF16, bfloat16 (tile_math.h's
+// Product): logits, sums and accumulators are float32, P rounded to bf16 only as the
+// p v product's operand, V packed once a batch for it (pack_contracted_rows).
 #include "ops.h"
 #include "softmax_tiles.h"
 #include "tile_math.h"
