@@ -80,28 +80,21 @@ inline void fold_maxima(const A* c, int64_t ldc, Vec<A> (&maxima)[VECS]) {
 template <typename T, int DEPTH, int64_t Q, typename A = Acc<T>>
 void logits_and_maxima(bool amx, int64_t keys, int64_t D, const T* key_tile, const T* query_t, A* logits, A* tile_max) {
   constexpr int64_t L = Vec<A>::size(), G = Product<T>::kGroup, V = kWideVecs;
-  if (amx) {
-    matmul_rows<T, DEPTH>(amx, keys, Q, D, key_tile, D, G, query_t, Q, logits, Q, false);
-    for (int64_t column = 0; column < Q; column += V * L) {
-      Vec<A> maxima[V];
-      for (int v = 0; v < V; ++v) maxima[v] = Vec<A>(-std::numeric_limits<A>::infinity());
-      for (int64_t j = 0; j < keys; ++j) fold_maxima<A, 1>(logits + j * Q + column, Q, maxima);
-      for (int v = 0; v < V; ++v) maxima[v].store(tile_max + column + v * L);
-    }
-    return;
-  }
+  if (amx) matmul_rows<T, DEPTH>(amx, keys, Q, D, key_tile, D, G, query_t, Q, logits, Q, false);
   for (int64_t column = 0; column < Q; column += V * L) {
     Vec<A> maxima[V];
     for (int v = 0; v < V; ++v) maxima[v] = Vec<A>(-std::numeric_limits<A>::infinity());
     const T* b = query_t + column * G;
     A* c = logits + column;
     int64_t j = 0;
-    for (; j + kWideRows <= keys; j += kWideRows) {
-      product_block<T, kWideRows, V, DEPTH>(key_tile + j * D, D, G, b, Q, c + j * Q, Q, D, false);
-      fold_maxima<A, kWideRows>(c + j * Q, Q, maxima);
+    if (!amx) {
+      for (; j + kWideRows <= keys; j += kWideRows) {
+        product_block<T, kWideRows, V, DEPTH>(key_tile + j * D, D, G, b, Q, c + j * Q, Q, D, false);
+        fold_maxima<A, kWideRows>(c + j * Q, Q, maxima);
+      }
     }
     for (; j < keys; ++j) {
-      product_block<T, 1, V, DEPTH>(key_tile + j * D, D, G, b, Q, c + j * Q, Q, D, false);
+      if (!amx) product_block<T, 1, V, DEPTH>(key_tile + j * D, D, G, b, Q, c + j * Q, Q, D, false);
       fold_maxima<A, 1>(c + j * Q, Q, maxima);
     }
     for (int v = 0; v < V; ++v) maxima[v].store(tile_max + column + v * L);
@@ -119,14 +112,14 @@ void online_softmax_columns(T* logits, Op* pairs, int64_t keys, T scale, const T
                             T* correction, T* column_sum) {
   constexpr int64_t L = Vec<T>::size(), V = Q / L, G = Product<Op>::kGroup;
   const Vec<T> factor(scale);
-  Vec<T> new_max[V], tile_sum[V];
+  Vec<T> tile_sum[V];
   std::array<ShiftedExp<T>, V> exps;
-  for (int v = 0; v < V; ++v)
-    new_max[v] = at::vec::clamp_min(Vec<T>::loadu(column_max + v * L), load_logits<SCALE>(tile_max + v * L, factor));
   for (int v = 0; v < V; ++v) {
-    fast_exp(Vec<T>::loadu(column_max + v * L) - new_max[v]).store(correction + v * L);
-    new_max[v].store(column_max + v * L);
-    exps[v] = ShiftedExp<T>(exp_scale<SCALE>(scale), new_max[v]);
+    const Vec<T> old_max = Vec<T>::loadu(column_max + v * L);
+    const Vec<T> new_max = at::vec::clamp_min(old_max, load_logits<SCALE>(tile_max + v * L, factor));
+    fast_exp(old_max - new_max).store(correction + v * L);
+    new_max.store(column_max + v * L);
+    exps[v] = ShiftedExp<T>(exp_scale<SCALE>(scale), new_max);
     tile_sum[v] = Vec<T>(T(0));
   }
   // the tile's own sums, added to the running ones once: a column's sum is a few short
