@@ -1,9 +1,11 @@
 """paired_builds.py's renaming: the two builds it loads side by side must share no
-operator namespace and no C++ symbol, or one side would run the other's kernels."""
+operator namespace and no C++ symbol, or one side would run the other's kernels; and
+its routing of the modules' operators to one side."""
 import re
+import types
 
 import pytest
-from paired_builds import REPO, export_sources, paired_times, renamed, speed_up
+from paired_builds import REPO, export_sources, paired_times, renamed, routed, speed_up
 
 
 def test_renamed_moves_both_namespaces():
@@ -36,3 +38,16 @@ def test_paired_times_alternate_which_side_goes_first():
     assert calls == ["base", "new", "new", "base", "base", "new", "new", "base"]
     assert [len(seconds) for seconds in times.values()] == [4, 4]
     assert speed_up({"base": [2.0, 3.0, 4.0], "new": [1.0, 1.0, 4.0]}) == 2.0
+
+
+def test_routed_points_the_operators_at_one_side_and_back():
+    """The stage comparison runs the modules on one side's operators: inside `routed`
+    the names are that side's, afterwards the namespace's own again (a name it had not
+    looked up yet is removed, so that it resolves as before), after an error too."""
+    namespace, side = types.SimpleNamespace(forward="main forward"), types.SimpleNamespace(forward="f", backward="b")
+    with routed(namespace, side, ["forward", "backward"]):
+        assert (namespace.forward, namespace.backward) == ("f", "b")
+    assert vars(namespace) == {"forward": "main forward"}
+    with pytest.raises(RuntimeError), routed(namespace, side, ["forward", "backward"]):
+        raise RuntimeError("a failed step")
+    assert vars(namespace) == {"forward": "main forward"}
